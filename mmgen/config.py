@@ -1,0 +1,272 @@
+"""Run configuration: frozen, nested, keyword-only dataclasses filled from YAML plus overrides.
+
+YAML files in `configs/` only set leaves of these dataclasses (torchtitan-style); an unknown key is
+an error that names it. Command-line overrides use dotted paths: `--optim.lr 3e-4` or
+`--optim.lr=3e-4`. The resolved config is written as JSON beside every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """The network: a Hugging Face causal-LM backbone plus the image embedding and head."""
+
+    init_text_model: str | None = None  # pretrained causal LM (Hub id or dir); None = from scratch
+    backbone: Literal["llama", "qwen2"] = "llama"  # architecture when training from scratch
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None  # None = 4 * hidden_size
+    image_size: int = 32
+    patch_size: int = 1
+    image_head: Literal["linear", "adaln_mlp"] = "linear"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    vae: str = "runs/vae"  # diffusers AutoencoderKL dir (with latent stats) or Hub id
+    tokenizer: str = "tokenizers/shapes"
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """Where documents come from and how they are packed into rows."""
+
+    source: Literal["shapes", "shards"] = "shapes"
+    shards: str = "runs/data/shapes-train/{shard}"  # for source=shards: a brace pattern, glob or dir
+    shapes_dir: str = "runs/data/shapes-train"  # built here by `make_shards` when source=shapes
+    num_docs: int = 20000
+    seq_len: int = 256
+    batch_size: int = 16  # rows per process per micro-step
+    num_workers: int = 0
+    loss_on: Literal["all", "assistant"] = "all"
+    shuffle_buffer: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveSection:
+    """Image objective (DESIGN.md §5) and its weight against the text loss."""
+
+    name: Literal["imm", "flow_matching"] = "imm"
+    lambda_img: float = 1.0
+    p_uncond: float = 0.1
+    sigma_data: float = 0.5
+    num_particles: int = 4
+    k: int = 12
+    a: float = 2.0
+    b: float = 4.0
+    T: float = 0.994
+    eps: float = 0.0
+    delta: float = 1e-4
+    parameterization: Literal["euler_fm", "simple_edm"] = "euler_fm"
+    time_input: Literal["stride", "identity"] = "stride"
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow matching only
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    log_every: int = 10
+    checkpoint_every: int = 250
+    keep_last: int = 2
+    sample_every: int = 500
+    resume: str = "auto"  # "auto" (newest complete checkpoint), "none", or a checkpoint dir
+    max_nonfinite_in_a_row: int = 10
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    deepspeed_config: str | None = None  # set by presets that run under DeepSpeed
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSection:
+    at_end: bool = True
+    num_steps: tuple[int, ...] = (1, 2, 4, 8)
+    guidance: float = 1.0
+    num_samples: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit the dataclasses; the message names the key."""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise naming `key`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        for choice in args:
+            if value == choice or str(value) == str(choice):
+                return choice
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got a boolean")
+        try:
+            converted = hint(value) if hint is float else int(str(value), 0) if isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and not isinstance(converted, int):
+            if float(converted) != int(converted):
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            converted = int(converted)
+        return converted
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (known: {sorted(names)})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(argv: Sequence[str]) -> dict:
+    """`["--optim.lr", "3e-4", "--run.name=x"]` -> nested dict of raw string values."""
+    tree: dict = {}
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --section.key VALUE, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(items):
+                raise ConfigError(f"override --{key} has no value")
+            value = items[i + 1]
+            i += 1
+        if "." not in key:
+            raise ConfigError(f"override --{key}: use --section.key (sections: {[f.name for f in dataclasses.fields(Config)]})")
+        _set_dotted(tree, key.replace("-", "_"), yaml.safe_load(value) if value != "" else value)
+        i += 1
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Resolve a YAML file (optional) plus dotted overrides into a frozen `Config`."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = _merge(raw, parse_overrides(overrides))
+    try:
+        return _build(Config, raw)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config_json(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values)

@@ -1,0 +1,107 @@
+"""Run configs: YAML presets resolve into the frozen dataclasses; bad keys and values are named."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmgen.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+DEEPSPEED = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+
+
+def test_presets_exist():
+    names = {p.name for p in PRESETS}
+    assert {"default.yaml", "default_fm.yaml", "gpu.yaml", "multigpu_zero2.yaml", "multinode_zero3.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_resolves(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert config.model.image_size % config.model.patch_size == 0
+    if config.run.deepspeed_config:
+        assert (ROOT / config.run.deepspeed_config).is_file()
+
+
+def test_default_and_fm_twin_differ_only_in_objective_and_name():
+    imm = config_to_dict(load_config(ROOT / "configs/default.yaml"))
+    fm = config_to_dict(load_config(ROOT / "configs/default_fm.yaml"))
+    assert imm["objective"]["name"] == "imm" and fm["objective"]["name"] == "flow_matching"
+    imm["objective"]["name"] = fm["objective"]["name"]
+    imm["run"]["name"] = fm["run"]["name"]
+    assert imm == fm
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(bad)
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match="optimizer"):
+        load_config(None, ["--optimizer.lr", "1"])
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["--optim.lr", "3e-4", "--run.name=x", "--eval.num_steps", "1,2", "--model.num_kv_heads", "none"])
+    assert config.optim.lr == pytest.approx(3e-4)
+    assert config.run.name == "x"
+    assert config.eval.num_steps == (1, 2)
+    assert config.model.num_kv_heads is None
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (["--optim.max_steps", "ten"], "optim.max_steps"),
+        (["--objective.name", "gan"], "objective.name"),
+        (["--run.resume"], "run.resume"),
+        (["--model.gradient_checkpointing", "maybe"], "model.gradient_checkpointing"),
+    ],
+)
+def test_bad_override_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, override)
+
+
+def test_json_round_trip_is_identity():
+    config = load_config(ROOT / "configs/default.yaml", ["--optim.lr", "0.01"])
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+def _fill_auto(node):
+    fills = {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "lr": 1e-4,
+        "betas": [0.9, 0.95],
+        "weight_decay": 0.0,
+        "enabled": True,
+        "reduce_bucket_size": 5e8,
+        "stage3_prefetch_bucket_size": 5e8,
+        "stage3_param_persistence_threshold": 1e5,
+    }
+    if isinstance(node, dict):
+        return {k: (fills[k] if v == "auto" else _fill_auto(v)) for k, v in node.items()}
+    return node
+
+
+@pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
+def test_deepspeed_configs_validate(path):
+    # DeepSpeedConfig rejects unknown keys (pydantic extra="forbid") and inconsistent batch sizes.
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    raw = json.loads(path.read_text())
+    filled = _fill_auto(raw)
+    ds = DeepSpeedConfig(filled)
+    assert ds.zero_optimization_stage == raw["zero_optimization"]["stage"]
+    assert filled["optimizer"]["params"]["torch_adam"] is True  # no 60-s fused_adam build on CPU
+    if ds.zero_optimization_stage == 3:
+        assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True

@@ -1,0 +1,307 @@
+"""Inductive Moment Matching (IMM) as a pure loss function.
+
+Zhou, Ermon & Song, "Inductive Moment Matching", ICML 2025, arXiv 2503.07565.
+Notation (see also ``interpolants.py``):
+
+    x        clean data, (B, ...); D = elements per item
+    eps      noise ~ N(0, sigma_d^2 I), shared by x_t and x_r (same x, same eps)
+    t > r >= s   times in [eps_min, T]; the flow map f_{s,t} jumps x_t to time s
+    f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G(c_in(t) x_t, t, s)          (IMM Eq. (10))
+        Euler-FM   : c_skip = 1, c_out = -(t - s) sigma_d         (OT-FM only; App. C.3)
+        Simple-EDM : c_skip = (a_t a_s + s_t s_s) / (a_t^2 + s_t^2),
+                     c_out  = -(a_s s_t - a_t s_s) sigma_d / sqrt(a_t^2 + s_t^2)
+        c_in(t) = 1 / (sigma_d sqrt(a_t^2 + s_t^2))
+    r(s, t) = max(s, min(t - delta, eta^{-1}(eta_t - (eta_max - eta_min) / 2^k)))   (App. C.1)
+    kernel k(a, b) = exp(-w~ max(||a - b||_2, 1e-8) / D),  w~ = 1 / |c_out(s, t)|  (App. C.4)
+    MMD^2 per group of M particles: V-statistic mean(K_ss) + mean(K_tt) - 2 mean(K_st)  (Eq. (12))
+    w(s, t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t / dt) alpha_t^a / (alpha_t^2 + sigma_t^2)
+                                                                               (Eq. (13), App. C.5)
+    loss = mean over groups of w(s, t) MMD^2(student f_{s,t}(x_t), target f_{s,r}(x_r))
+
+The network is an opaque callable ``net(x_in, t_in, s_in, cond) -> G`` (CONTRACTS.md §1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .interpolants import as_time, expand_like, get_interpolant
+
+__all__ = [
+    "IMMConfig",
+    "c_in",
+    "compute_r",
+    "flow_map",
+    "flow_map_coefficients",
+    "group_mmd2",
+    "imm_loss",
+    "imm_weight",
+    "kernel_weight",
+    "network_output",
+    "time_inputs",
+]
+
+_PARAMETERIZATIONS = ("euler_fm", "simple_edm")
+_TIME_INPUTS = ("stride", "identity")
+_KERNEL_MIN_DIST = 1e-8
+
+
+@dataclass(frozen=True)
+class IMMConfig:
+    """Hyper-parameters of the IMM objective; defaults follow the paper's latent ImageNet recipe."""
+
+    sigma_data: float = 0.5
+    interpolant: str = "ot_fm"
+    parameterization: str = "euler_fm"
+    time_input: str = "stride"
+    T: float = 0.994
+    eps: float = 0.0
+    k: int = 12
+    delta: float = 1e-4
+    a: float = 2.0
+    b: float = 4.0
+    num_particles: int = 4
+    p_uncond: float = 0.0
+
+    def __post_init__(self):
+        get_interpolant(self.interpolant)  # validates the name
+        if self.parameterization not in _PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization must be one of {_PARAMETERIZATIONS}, got {self.parameterization!r}"
+            )
+        if self.parameterization == "euler_fm" and self.interpolant != "ot_fm":
+            raise ValueError("parameterization 'euler_fm' requires interpolant 'ot_fm'")
+        if self.time_input not in _TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {_TIME_INPUTS}, got {self.time_input!r}")
+        if not 0.0 <= self.eps < self.T <= 1.0:
+            raise ValueError(f"need 0 <= eps < T <= 1, got eps={self.eps}, T={self.T}")
+        if self.sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
+        if self.num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        if self.k < 0 or self.delta < 0:
+            raise ValueError(f"k and delta must be >= 0, got k={self.k}, delta={self.delta}")
+
+
+def time_inputs(t, s, time_input: str = "stride") -> tuple[torch.Tensor, torch.Tensor]:
+    """Network time inputs (t_in, s_in) as float32: 1000 t and 1000 (t - s) or 1000 s."""
+    if time_input not in _TIME_INPUTS:
+        raise ValueError(f"time_input must be one of {_TIME_INPUTS}, got {time_input!r}")
+    t, s = as_time(t), as_time(s)
+    second = t - s if time_input == "stride" else s
+    return (1000.0 * t).float(), (1000.0 * second).float()
+
+
+def c_in(t, config) -> torch.Tensor:
+    """Input preconditioning c_in(t) = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)), float64."""
+    interp = get_interpolant(config.interpolant)
+    t = as_time(t)
+    return 1.0 / (config.sigma_data * torch.sqrt(interp.alpha(t) ** 2 + interp.sigma(t) ** 2))
+
+
+def flow_map_coefficients(s, t, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip(s, t), c_out(s, t)) in float64 for f = c_skip x_t + c_out G (IMM Eq. (10))."""
+    s, t = as_time(s), as_time(t)
+    sd = config.sigma_data
+    if config.parameterization == "euler_fm":
+        return torch.ones_like(t * s), -(t - s) * sd
+    interp = get_interpolant(config.interpolant)
+    a_t, s_t, a_s, s_s = interp.alpha(t), interp.sigma(t), interp.alpha(s), interp.sigma(s)
+    norm2 = a_t**2 + s_t**2
+    c_skip = (a_t * a_s + s_t * s_s) / norm2
+    c_out = -(a_s * s_t - a_t * s_s) * sd / torch.sqrt(norm2)
+    return c_skip, c_out
+
+
+def _batch_times(t, x: torch.Tensor) -> torch.Tensor:
+    """Times as float64 (B,) on x's device (scalars are broadcast to the batch)."""
+    t = as_time(t, x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"times must be scalars or shape ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
+
+
+def network_output(net, x_t: torch.Tensor, t, s, cond, config) -> torch.Tensor:
+    """G = net(c_in(t) x_t, t_in, s_in, cond); ``config`` needs sigma_data, interpolant, time_input."""
+    t, s = _batch_times(t, x_t), _batch_times(s, x_t)
+    t_in, s_in = time_inputs(t, s, config.time_input)
+    return net(expand_like(c_in(t, config), x_t) * x_t, t_in, s_in, cond)
+
+
+def flow_map(net, x_t: torch.Tensor, t, s, cond, config) -> torch.Tensor:
+    """f_{s,t}(x_t) (IMM Eq. (10)); returns exactly x_t for items with s == t."""
+    t, s = _batch_times(t, x_t), _batch_times(s, x_t)
+    g = network_output(net, x_t, t, s, cond, config)
+    c_skip, c_out = flow_map_coefficients(s, t, config)
+    out = expand_like(c_skip, x_t) * x_t + expand_like(c_out, g) * g
+    # The boundary condition f_{t,t} = id holds exactly, whatever G is (even non-finite).
+    same = (s == t).reshape(-1, *([1] * (x_t.ndim - 1)))  # (B, 1, ..., 1)
+    return torch.where(same, x_t, out)
+
+
+def compute_r(s, t, config) -> torch.Tensor:
+    """r(s, t): constant decrement in eta, IMM App. C.1, float64.
+
+    r = max(s, min(t - delta, eta^{-1}(eta_t - (eta(T) - eta(eps)) / 2^k))).
+    """
+    interp = get_interpolant(config.interpolant)
+    s, t = as_time(s), as_time(t)
+    eta_min = interp.eta(config.eps)
+    step = (interp.eta(config.T) - eta_min) / 2.0**config.k
+    # Clamp below at eta_min: OT-FM's eta^{-1}(e) = e / (1 + e) is not monotone for e < -1.
+    r = interp.eta_inv(torch.clamp_min(interp.eta(t) - step, eta_min))
+    return torch.maximum(s, torch.minimum(t - config.delta, r))
+
+
+def imm_weight(s, t, config) -> torch.Tensor:
+    """w(s, t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2).
+
+    IMM Eq. (13) with the ELBO-style weighting of App. C.5; lambda_t = 2 log(alpha_t / sigma_t).
+    Depends on t only; ``s`` is accepted for the paper's signature. Float64.
+    """
+    del s
+    interp = get_interpolant(config.interpolant)
+    t = as_time(t)
+    alpha, sigma = interp.alpha(t), interp.sigma(t)
+    return (
+        0.5
+        * torch.sigmoid(config.b - interp.logsnr(t))
+        * (-interp.dlogsnr_dt(t))
+        * alpha**config.a
+        / (alpha**2 + sigma**2)
+    )
+
+
+def kernel_weight(s, t, config) -> torch.Tensor:
+    """w~(s, t) = 1 / |c_out(s, t)| (Euler-FM: 1 / ((t - s) sigma_d)), float64 (App. C.4)."""
+    _, c_out = flow_map_coefficients(s, t, config)
+    return 1.0 / c_out.abs()
+
+
+def _laplace_kernel(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) = exp(-w~ max(||a_i - b_j||, 1e-8) / D) for (G, M, D) inputs -> (G, M, M)."""
+    dim = a.shape[-1]
+    diff = a[:, :, None, :] - b[:, None, :, :]  # (G, M, M, D)
+    # sqrt(max(|d|^2, 1e-16)) == max(|d|, 1e-8) and has a finite gradient on the diagonal.
+    dist = diff.pow(2).sum(-1).clamp_min(_KERNEL_MIN_DIST**2).sqrt()  # (G, M, M)
+    return torch.exp(-weight[:, None, None] * dist / dim)
+
+
+def group_mmd2(student: torch.Tensor, target: torch.Tensor, weight) -> torch.Tensor:
+    """Per-group V-statistic MMD^2 with the Laplace kernel (IMM Eq. (12)).
+
+    student, target: (G, M, D); weight: w~ per group, (G,) or scalar. Returns (G,).
+    Computed in at least float32 whatever the input dtype.
+    """
+    if student.shape != target.shape or student.ndim != 3:
+        raise ValueError(
+            f"student and target must both be (G, M, D), got {tuple(student.shape)} and {tuple(target.shape)}"
+        )
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    student, target = student.to(dtype), target.to(dtype)
+    weight = as_time(weight, student.device).to(dtype).expand(student.shape[0])
+    k_ss = _laplace_kernel(student, student, weight).mean(dim=(1, 2))
+    k_tt = _laplace_kernel(target, target, weight).mean(dim=(1, 2))
+    k_st = _laplace_kernel(student, target, weight).mean(dim=(1, 2))
+    return k_ss + k_tt - 2.0 * k_st
+
+
+def _sample_group_times(num_groups: int, config: IMMConfig, generator, device):
+    """t ~ U(eps, T), s ~ U(eps, t), r = r(s, t) per group, float64 (IMM Alg. 1)."""
+    u = torch.rand(2, num_groups, generator=generator, dtype=torch.float64, device=device)
+    t = config.eps + (config.T - config.eps) * u[0]
+    s = config.eps + (t - config.eps) * u[1]
+    return t, s, compute_r(s, t, config)
+
+
+def _student_condition(cond, batch: int, p_uncond: float, generator, drop_cond, device):
+    """Classifier-free-guidance dropout for the student branch only (one Bernoulli per item)."""
+    if cond is None or p_uncond <= 0.0:
+        return cond
+    if drop_cond is None:
+        raise ValueError("p_uncond > 0 with a condition needs drop_cond(cond, mask) from the caller")
+    mask = torch.rand(batch, generator=generator, device=device) < p_uncond
+    return drop_cond(cond, mask) if bool(mask.any()) else cond
+
+
+def _grouped_mmd2(student, target, t, s, num_particles: int, config):
+    """MMD^2 per group of M consecutive items; a leftover of >= 2 forms one smaller group.
+
+    student, target: (B, ...). t, s: per sampled group, (ceil(B / M),). Returns
+    (mmd2 (G,), number of groups G, number of excluded items).
+    """
+    batch = student.shape[0]
+    num_full, leftover = divmod(batch, num_particles)
+    student = student.reshape(batch, -1)  # (B, D)
+    target = target.reshape(batch, -1)  # (B, D)
+    used = num_full * num_particles
+    weight = kernel_weight(s, t, config)
+    parts = []
+    if num_full:
+        shape = (num_full, num_particles, student.shape[1])  # (G, M, D)
+        parts.append(
+            group_mmd2(student[:used].reshape(shape), target[:used].reshape(shape), weight[:num_full])
+        )
+    if leftover >= 2:
+        shape = (1, leftover, student.shape[1])  # (1, L, D): the smaller last group
+        parts.append(
+            group_mmd2(student[used:].reshape(shape), target[used:].reshape(shape), weight[num_full:])
+        )
+    excluded = leftover if leftover == 1 else 0
+    if not parts:
+        raise ValueError(
+            f"x has batch size {batch}: IMM needs at least 2 items to form a group "
+            f"(num_particles={num_particles})"
+        )
+    mmd2 = torch.cat(parts)
+    return mmd2, mmd2.shape[0], excluded
+
+
+def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=None, drop_cond=None):
+    """IMM training loss (IMM Alg. 1, Eq. (12)-(13)); returns (scalar loss, diagnostics dict).
+
+    Groups of ``config.num_particles`` consecutive items share (s, r, t). ``net`` is called
+    exactly twice: the student f_{s,t}(x_t) with gradient (its condition dropped with
+    probability ``p_uncond`` through ``drop_cond``), then the target f_{s,r}(x_r) with the same
+    weights under ``torch.no_grad`` (a stop-gradient, not an EMA). Every draw uses ``generator``.
+
+    Diagnostics: mean_t, mean_t_minus_r, frac_r_eq_s (floats over loss groups), mmd2 (detached
+    (G,) tensor), num_groups, num_excluded (a leftover single item is excluded, but still passes
+    through ``net`` so a packed condition keeps its rows).
+    """
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must be (B, ...) with B >= 1, got shape {tuple(x.shape)}")
+    batch, m = x.shape[0], config.num_particles
+    device = x.device
+    t, s, r = _sample_group_times(-(-batch // m), config, generator, device)
+    item_group = torch.arange(batch, device=device) // m  # (B,): group index of each item
+    t_b, s_b, r_b = t[item_group], s[item_group], r[item_group]
+    noise = config.sigma_data * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
+    interp = get_interpolant(config.interpolant)
+    x_t = interp.interpolate(x, noise, t_b)  # same x and noise for both branches
+    x_r = interp.interpolate(x, noise, r_b)
+
+    student_cond = _student_condition(cond, batch, config.p_uncond, generator, drop_cond, device)
+    student = flow_map(net, x_t, t_b, s_b, student_cond, config)
+    with torch.no_grad():
+        target = flow_map(net, x_r, r_b, s_b, cond, config)
+
+    mmd2, num_groups, excluded = _grouped_mmd2(student, target, t, s, m, config)
+    t, s, r = t[:num_groups], s[:num_groups], r[:num_groups]
+    weight = imm_weight(s, t, config).to(device=device, dtype=mmd2.dtype)
+    loss = (weight * mmd2).mean()
+    diagnostics = {
+        "mean_t": t.mean().item(),
+        "mean_t_minus_r": (t - r).mean().item(),
+        "mmd2": mmd2.detach(),
+        "frac_r_eq_s": (r == s).double().mean().item(),
+        "num_groups": num_groups,
+        "num_excluded": excluded,
+    }
+    return loss, diagnostics

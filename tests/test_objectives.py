@@ -1,0 +1,362 @@
+"""Specification tests for mmgen.objectives (issue 2 §2): golden values and properties of IMM
+(Zhou, Ermon & Song, ICML 2025, arXiv 2503.07565) and the flow-matching baseline."""
+
+import pytest
+import torch
+
+from mmgen.objectives import FlowMatchingConfig, IMMConfig, get_interpolant, get_objective
+from mmgen.objectives.flow_matching import flow_matching_loss
+from mmgen.objectives.imm import (
+    c_in,
+    compute_r,
+    flow_map,
+    group_mmd2,
+    imm_loss,
+    imm_weight,
+    kernel_weight,
+)
+
+F64 = torch.float64
+
+# Issue 2 golden table: OT-FM, sigma_d = 0.5, eps = 0, T = 0.994, k = 12, s = t / 2.
+GOLDEN_T = [0.05, 0.2, 0.5, 0.8, 0.95, 0.994]
+GOLDEN_R_NO_DELTA = [0.025, 0.1732490076, 0.4896798040, 0.7983689677, 0.9498986802, 0.9939985436]
+GOLDEN_R_DELTA = [0.025, 0.1732490076, 0.4896798040, 0.7983689677, 0.9498986802, 0.9939]
+GOLDEN_W_A1 = [2.9032587150, 5.6865085749, 3.9280551602, 1.8361334218, 1.1630698072, 1.0181804018]
+GOLDEN_W_A2 = [2.7580957792, 4.5492068599, 1.9640275801, 0.3672266844, 0.0581534904, 0.0061090824]
+GOLDEN_KERNEL_W = [80.0, 20.0, 8.0, 5.0, 4.2105263158, 4.0241448692]
+
+
+def _golden_times():
+    t = torch.tensor(GOLDEN_T, dtype=F64)
+    return t / 2, t
+
+
+def _assert_rel(actual, expected, rel=1e-8):
+    expected = torch.tensor(expected, dtype=F64)
+    assert actual.dtype == F64
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=0.0)
+
+
+def test_r_mapping_matches_golden_without_delta():
+    s, t = _golden_times()
+    _assert_rel(compute_r(s, t, IMMConfig(delta=0.0)), GOLDEN_R_NO_DELTA)
+
+
+def test_r_mapping_matches_golden_with_delta():
+    s, t = _golden_times()
+    _assert_rel(compute_r(s, t, IMMConfig(delta=1e-4)), GOLDEN_R_DELTA)
+
+
+@pytest.mark.parametrize("a, golden", [(1.0, GOLDEN_W_A1), (2.0, GOLDEN_W_A2)])
+def test_weighting_matches_golden(a, golden):
+    s, t = _golden_times()
+    _assert_rel(imm_weight(s, t, IMMConfig(a=a, b=4.0)), golden)
+
+
+def test_euler_fm_kernel_weight_is_one_over_stride_times_sigma_data():
+    s, t = _golden_times()
+    _assert_rel(kernel_weight(s, t, IMMConfig()), GOLDEN_KERNEL_W)
+
+
+def _golden_mmd_sets():
+    g = torch.arange(2, dtype=F64)[:, None, None]
+    m = torch.arange(4, dtype=F64)[None, :, None]
+    d = torch.arange(6, dtype=F64)[None, None, :]
+    student = torch.sin(1 + g + 0.7 * m + 0.3 * d)  # (2, 4, 6)
+    target = torch.cos(0.5 + 0.9 * g + 0.4 * m + 0.2 * d)  # (2, 4, 6)
+    return student, target, torch.tensor([0.2, 0.1], dtype=F64), torch.tensor([0.9, 0.3], dtype=F64)
+
+
+def test_group_mmd_and_losses_match_golden():
+    student, target, s, t = _golden_mmd_sets()
+    weight = kernel_weight(s, t, IMMConfig())
+    _assert_rel(weight, [1 / 0.35, 10.0])
+    mmd2 = group_mmd2(student, target, weight)
+    _assert_rel(mmd2, [0.13309789423, 0.28245824012], rel=1e-9)
+    loss_a1 = (imm_weight(s, t, IMMConfig(a=1.0)) * mmd2).mean()
+    loss_a2 = (imm_weight(s, t, IMMConfig(a=2.0)) * mmd2).mean()
+    _assert_rel(loss_a1, 0.8282174215, rel=1e-8)
+    _assert_rel(loss_a2, 0.5256595914, rel=1e-8)
+
+
+def test_mmd_of_a_set_with_itself_is_zero():
+    student = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(0), dtype=F64)
+    mmd2 = group_mmd2(student, student.clone(), torch.tensor([1.0, 5.0, 50.0], dtype=F64))
+    assert torch.equal(mmd2, torch.zeros(3, dtype=F64))
+    other = group_mmd2(student, student + 0.1, torch.tensor([1.0, 5.0, 50.0], dtype=F64))
+    assert (other > 0).all()
+
+
+@pytest.mark.parametrize(
+    "parameterization, interpolant",
+    [("euler_fm", "ot_fm"), ("simple_edm", "ot_fm"), ("simple_edm", "cosine")],
+)
+def test_flow_map_at_equal_times_is_exactly_identity(parameterization, interpolant):
+    config = IMMConfig(parameterization=parameterization, interpolant=interpolant)
+    x = torch.randn(5, 3, 2, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.994], dtype=F64)
+    junk = lambda x_in, t_in, s_in, cond: torch.full_like(x_in, float("nan"))
+    assert torch.equal(flow_map(junk, x, t, t, None, config), x)
+    s = t * 0.5
+    assert torch.isnan(flow_map(junk, x, t, s, None, config)[1:]).all()
+
+
+@pytest.mark.parametrize("name", ["ot_fm", "cosine"])
+def test_ddim_is_self_consistent(name):
+    interp = get_interpolant(name)
+    gen = torch.Generator().manual_seed(2)
+    x, x_t = torch.randn(4, 6, generator=gen, dtype=F64), torch.randn(4, 6, generator=gen, dtype=F64)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.99], dtype=F64)
+    r, s = 0.7 * t, 0.2 * t
+    two_jumps = interp.ddim(interp.ddim(x_t, x, r, t), x, s, r)
+    torch.testing.assert_close(two_jumps, interp.ddim(x_t, x, s, t), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ot_fm", "cosine"])
+def test_ddim_from_x_t_gives_x_r_with_the_same_noise(name):
+    interp = get_interpolant(name)
+    gen = torch.Generator().manual_seed(3)
+    x, noise = torch.randn(4, 6, generator=gen, dtype=F64), torch.randn(4, 6, generator=gen, dtype=F64)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.99], dtype=F64)
+    r = 0.6 * t
+    x_t = interp.alpha(t)[:, None] * x + interp.sigma(t)[:, None] * noise
+    expected = interp.alpha(r)[:, None] * x + interp.sigma(r)[:, None] * noise
+    torch.testing.assert_close(interp.ddim(x_t, x, r, t), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ot_fm", "cosine"])
+def test_eta_inverse_and_logsnr_derivative(name):
+    interp = get_interpolant(name)
+    t = torch.linspace(0.01, 0.99, 17, dtype=F64)
+    torch.testing.assert_close(interp.eta_inv(interp.eta(t)), t, rtol=1e-12, atol=1e-12)
+    h = 1e-6
+    numeric = (interp.logsnr(t + h) - interp.logsnr(t - h)) / (2 * h)
+    torch.testing.assert_close(interp.dlogsnr_dt(t), numeric, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1e-4])
+@pytest.mark.parametrize("interpolant, parameterization", [("ot_fm", "euler_fm"), ("cosine", "simple_edm")])
+def test_r_lies_in_s_to_t(delta, interpolant, parameterization):
+    config = IMMConfig(delta=delta, interpolant=interpolant, parameterization=parameterization)
+    gen = torch.Generator().manual_seed(4)
+    t = config.T * torch.rand(2000, generator=gen, dtype=F64)
+    s = t * torch.rand(2000, generator=gen, dtype=F64)
+    r = compute_r(s, t, config)
+    assert (r >= s).all() and (r < t).all()
+    assert (r == s).any() and (r > s).any()  # both branches of the max are exercised
+
+
+class RecordingNet(torch.nn.Module):
+    """A tiny parametric net that records every call's inputs and grad mode."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim + 2, dim)
+        self.calls = []
+
+    def forward(self, x_in, t_in, s_in, cond):
+        flat = x_in.reshape(x_in.shape[0], -1)  # (B, D)
+        times = torch.stack([t_in, s_in], dim=1) / 1000  # (B, 2)
+        out = self.lin(torch.cat([flat, times.to(flat.dtype)], dim=1)).reshape(x_in.shape)
+        record = {"x_in": x_in.detach(), "t_in": t_in, "s_in": s_in, "cond": cond}
+        self.calls.append({**record, "grad": torch.is_grad_enabled(), "out": out})
+        return out
+
+
+def _batch(b=8, shape=(2, 3), seed=0):
+    return torch.randn(b, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_imm_calls_net_twice_and_no_gradient_reaches_the_target():
+    torch.manual_seed(0)
+    net, x = RecordingNet(6), _batch()
+    loss, _ = imm_loss(net, x, config=IMMConfig(), generator=torch.Generator().manual_seed(0))
+    assert len(net.calls) == 2
+    student, target = net.calls
+    assert student["grad"] and student["out"].requires_grad
+    assert not target["grad"] and not target["out"].requires_grad
+    # The target is the same network at (r, s): same s, earlier first time.
+    assert (target["t_in"] < student["t_in"]).all()
+    torch.testing.assert_close(student["t_in"] - student["s_in"], target["t_in"] - target["s_in"])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_imm_groups_share_times_and_both_branches_use_the_same_noise():
+    net, x = RecordingNet(6), _batch(b=8)
+    config = IMMConfig(num_particles=4)
+    imm_loss(net, x, config=config, generator=torch.Generator().manual_seed(5))
+    student, target = net.calls
+    t = student["t_in"].double() / 1000
+    assert torch.equal(t[:4], t[:1].expand(4)) and torch.equal(t[4:], t[4:5].expand(4))
+    assert t[0] != t[4]
+    r = target["t_in"].double() / 1000
+    interp = get_interpolant("ot_fm")
+    # x_in = c_in(t) x_t; recover the noise from each branch: eps = (x_t - alpha x) / sigma.
+    x_t = student["x_in"].double() / c_in(t, config)[:, None, None]
+    x_r = target["x_in"].double() / c_in(r, config)[:, None, None]
+    noise_t = (x_t - interp.alpha(t)[:, None, None] * x) / interp.sigma(t)[:, None, None]
+    noise_r = (x_r - interp.alpha(r)[:, None, None] * x) / interp.sigma(r)[:, None, None]
+    torch.testing.assert_close(noise_t, noise_r, rtol=1e-3, atol=1e-4)
+    assert 0.3 < noise_t.std().item() < 0.7  # eps ~ N(0, sigma_d^2), sigma_d = 0.5
+
+
+def test_imm_loss_is_deterministic_given_the_generator():
+    net, x = RecordingNet(6), _batch()
+    l1, d1 = imm_loss(net, x, config=IMMConfig(), generator=torch.Generator().manual_seed(7))
+    l2, d2 = imm_loss(net, x, config=IMMConfig(), generator=torch.Generator().manual_seed(7))
+    l3, _ = imm_loss(net, x, config=IMMConfig(), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(l1, l2) and torch.equal(d1["mmd2"], d2["mmd2"])
+    assert not torch.equal(l1, l3)
+
+
+@pytest.mark.parametrize("num_particles", [2, 4, 8])
+def test_imm_loss_is_finite_for_several_group_sizes(num_particles):
+    net, x = RecordingNet(6), _batch(b=16)
+    config = IMMConfig(num_particles=num_particles)
+    loss, diag = imm_loss(net, x, config=config, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and loss >= 0
+    assert diag["num_groups"] == 16 // num_particles and diag["mmd2"].shape == (16 // num_particles,)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_imm_loss_is_finite_near_T():
+    net, x = RecordingNet(6), _batch(b=8)
+    config = IMMConfig(eps=0.9935, T=0.994)  # t, s, r all within 5e-4 of T
+    loss, diag = imm_loss(net, x, config=config, generator=torch.Generator().manual_seed(2))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert 0.9935 <= diag["mean_t"] <= 0.994
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_leftover_items_form_a_smaller_group():
+    net, x = RecordingNet(6), _batch(b=10)
+    _, diag = imm_loss(net, x, config=IMMConfig(num_particles=4), generator=torch.Generator().manual_seed(0))
+    assert diag["num_groups"] == 3 and diag["num_excluded"] == 0
+    t = net.calls[0]["t_in"]
+    assert torch.equal(t[8:], t[8:9].expand(2)) and t[8] != t[4]
+
+
+def test_a_single_leftover_item_is_excluded_and_counted():
+    net, x = RecordingNet(6), _batch(b=9)
+    loss, diag = imm_loss(
+        net, x, config=IMMConfig(num_particles=4), generator=torch.Generator().manual_seed(0)
+    )
+    assert diag["num_groups"] == 2 and diag["num_excluded"] == 1
+    assert net.calls[0]["x_in"].shape[0] == 9  # the excluded item still goes through the net
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # The excluded item does not influence the loss (the net treats items independently).
+    x_moved = x.clone()
+    x_moved[8] += 100.0
+    moved, _ = imm_loss(
+        net, x_moved, config=IMMConfig(num_particles=4), generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(moved, loss)
+    x_moved[7] += 1.0
+    moved, _ = imm_loss(
+        net, x_moved, config=IMMConfig(num_particles=4), generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal(moved, loss)
+
+
+def test_batch_too_small_for_any_group_is_an_error():
+    with pytest.raises(ValueError, match="batch size 1"):
+        imm_loss(RecordingNet(6), _batch(b=1), config=IMMConfig())
+
+
+def test_condition_dropout_applies_to_the_student_only():
+    net, x = RecordingNet(6), _batch(b=8)
+    cond = torch.arange(8)
+    seen = []
+
+    def drop_cond(c, mask):
+        seen.append(mask.clone())
+        return torch.where(mask, torch.full_like(c, -1), c)
+
+    config = IMMConfig(p_uncond=0.5)
+    imm_loss(net, x, cond, config=config, generator=torch.Generator().manual_seed(3), drop_cond=drop_cond)
+    student, target = net.calls
+    (mask,) = seen
+    assert 0 < mask.sum() < 8
+    assert torch.equal(student["cond"], torch.where(mask, -1, cond))
+    assert torch.equal(target["cond"], cond)
+    with pytest.raises(ValueError, match="drop_cond"):
+        imm_loss(net, x, cond, config=config)
+
+
+def test_diagnostics_report_times_and_r_equal_s_fraction():
+    net, x = RecordingNet(6), _batch(b=16)
+    _, diag = imm_loss(
+        net, x, config=IMMConfig(num_particles=2, k=0), generator=torch.Generator().manual_seed(0)
+    )
+    # k = 0 makes the eta decrement the whole range, so r collapses to s for every group.
+    assert diag["frac_r_eq_s"] == 1.0
+    assert 0 < diag["mean_t_minus_r"] < diag["mean_t"] < 0.994
+    _, diag = imm_loss(
+        net, x, config=IMMConfig(num_particles=2, k=20), generator=torch.Generator().manual_seed(0)
+    )
+    assert diag["frac_r_eq_s"] == 0.0 and diag["mean_t_minus_r"] < 1e-3
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="euler_fm"):
+        IMMConfig(interpolant="cosine", parameterization="euler_fm")
+    with pytest.raises(ValueError, match="time_input"):
+        IMMConfig(time_input="half")
+    with pytest.raises(ValueError, match="num_particles"):
+        IMMConfig(num_particles=0)
+    with pytest.raises(ValueError, match="interpolant"):
+        get_interpolant("linear")
+
+
+def test_get_objective_binds_config_and_rejects_unknown_fields():
+    loss_fn, config = get_objective("imm", num_particles=2, a=1.0)
+    assert isinstance(config, IMMConfig) and config.num_particles == 2 and config.a == 1.0
+    net = RecordingNet(6)
+    loss, diag = loss_fn(net, _batch(b=4), generator=torch.Generator().manual_seed(0))
+    assert diag["num_groups"] == 2 and torch.isfinite(loss)
+    _, fm_config = get_objective("flow_matching", time_sampling="logit_normal")
+    assert isinstance(fm_config, FlowMatchingConfig)
+    with pytest.raises(ValueError, match="num_particle"):
+        get_objective("imm", num_particle=2)
+    with pytest.raises(ValueError, match="objective name"):
+        get_objective("gan")
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
+    """For data = mu, eps = (x_t - (1 - t) mu) / t, so the exact v-target eps - mu is known."""
+    config = FlowMatchingConfig()
+    mu = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
+    calls = []
+
+    def oracle(x_in, t_in, s_in, cond):
+        calls.append(s_in)
+        t = t_in.double() / 1000
+        x_t = x_in / c_in(t, config)[:, None]
+        noise = (x_t - (1 - t)[:, None] * mu) / t[:, None]
+        return (noise - mu) / config.sigma_data
+
+    x = mu.expand(64, 3).clone()
+    loss, _ = flow_matching_loss(oracle, x, config=config, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and torch.equal(calls[0], torch.zeros(64))  # stride s_in = 1000 (t - t)
+    assert loss < 1e-6
+    wrong = lambda x_in, t_in, s_in, cond: -oracle(x_in, t_in, s_in, cond)
+    bad, _ = flow_matching_loss(wrong, x, config=config, generator=torch.Generator().manual_seed(0))
+    assert bad > 1.0
+
+
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal"])
+def test_flow_matching_times_lie_in_unit_interval(time_sampling):
+    config = FlowMatchingConfig(time_sampling=time_sampling)
+    net = RecordingNet(6)
+    loss, diag = flow_matching_loss(
+        net, _batch(b=256), config=config, generator=torch.Generator().manual_seed(0)
+    )
+    t = net.calls[0]["t_in"] / 1000
+    assert (t > 0).all() and (t < 1).all() and torch.isfinite(loss)
+    assert abs(diag["mean_t"] - 0.5) < 0.06
+    spread = t.std().item()
+    assert (spread < 0.25) if time_sampling == "logit_normal" else (spread > 0.25)

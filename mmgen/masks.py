@@ -70,20 +70,25 @@ def to_additive(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     return torch.where(allowed, zero, neg)
 
 
+# Plain ints for the rule: FlexAttention traces mask_mod with dynamo, which mishandles
+# `tensor == IntEnum member` (it returned a Python bool / long tensor in torch 2.13).
+_PAD, _TEXT, _IMAGE_CLEAN, _IMAGE_NOISY, _IMAGE_TARGET = (int(k) for k in TokenKind)
+
+
 def _allowed(q_idx, k_idx, kind_q, kind_k, doc_q, doc_k, img_q, img_k, pe_q, uncond_q):
     """The attention rule as elementwise tensor ops (True = q attends to k).
 
     Works both on broadcast tensors (dense mask) and on 0-d tensors under vmap (``mask_mod``);
     it must therefore avoid Python control flow on tensor values.
     """
-    is_noisy_k = (kind_k == TokenKind.IMAGE_NOISY) | (kind_k == TokenKind.IMAGE_TARGET)
-    is_noisy_q = (kind_q == TokenKind.IMAGE_NOISY) | (kind_q == TokenKind.IMAGE_TARGET)
-    visible_k = (kind_k == TokenKind.TEXT) | (kind_k == TokenKind.IMAGE_CLEAN)
+    is_noisy_k = (kind_k == _IMAGE_NOISY) | (kind_k == _IMAGE_TARGET)
+    is_noisy_q = (kind_q == _IMAGE_NOISY) | (kind_q == _IMAGE_TARGET)
+    visible_k = (kind_k == _TEXT) | (kind_k == _IMAGE_CLEAN)
     same_doc = doc_q == doc_k
 
     causal = (k_idx <= q_idx) & visible_k
-    clean_q = kind_q == TokenKind.IMAGE_CLEAN
-    same_clean_image = clean_q & (kind_k == TokenKind.IMAGE_CLEAN) & (img_q == img_k)
+    clean_q = kind_q == _IMAGE_CLEAN
+    same_clean_image = clean_q & (kind_k == _IMAGE_CLEAN) & (img_q == img_k)
     text_or_clean_rule = (causal | same_clean_image) & ~is_noisy_q
 
     # Noisy/target queries: their prefix up to and including <|boi|>, or only <|boi|> if uncond.
@@ -91,8 +96,8 @@ def _allowed(q_idx, k_idx, kind_q, kind_k, doc_q, doc_k, img_q, img_k, pe_q, unc
     same_copy = is_noisy_k & (kind_q == kind_k) & (img_q == img_k)
     noisy_rule = is_noisy_q & (prefix | same_copy)
 
-    real = same_doc & (kind_q != TokenKind.PAD) & (text_or_clean_rule | noisy_rule)
-    pad_self = (kind_q == TokenKind.PAD) & (q_idx == k_idx)
+    real = same_doc & (kind_q != _PAD) & (text_or_clean_rule | noisy_rule)
+    pad_self = (kind_q == _PAD) & (q_idx == k_idx)
     return real | pad_self
 
 

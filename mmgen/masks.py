@@ -75,34 +75,31 @@ def to_additive(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 _PAD, _TEXT, _IMAGE_CLEAN, _IMAGE_NOISY, _IMAGE_TARGET = (int(k) for k in TokenKind)
 
 
-def _allowed(q_idx, k_idx, kind_q, kind_k, doc_q, doc_k, img_q, img_k, pe_q, uncond_q):
-    """The attention rule as elementwise tensor ops (True = q attends to k).
+def _allowed(k_idx, doc_q, doc_k, lo_q, hi_q, visible_k, group_q, group_k):
+    """The attention rule on per-token features (True = q attends to k).
 
-    Works both on broadcast tensors (dense mask) and on 0-d tensors under vmap (``mask_mod``);
-    it must therefore avoid Python control flow on tensor values.
+    q attends to k iff they share a document and either
+    (window) k is a TEXT/IMAGE_CLEAN token with lo_q <= k <= hi_q, or
+    (group)  q and k carry the same group code (same clean image / same noisy copy / itself).
+    :func:`_token_features` derives lo, hi, visible and group from the metadata so that this
+    equals the rule of the module docstring (checked against a loop reference in the tests).
+    Elementwise ops only: the same code runs on broadcast (B, L, L) tensors for the dense mask
+    and on 0-d tensors under vmap as FlexAttention's ``mask_mod``.
     """
-    is_noisy_k = (kind_k == _IMAGE_NOISY) | (kind_k == _IMAGE_TARGET)
-    is_noisy_q = (kind_q == _IMAGE_NOISY) | (kind_q == _IMAGE_TARGET)
-    visible_k = (kind_k == _TEXT) | (kind_k == _IMAGE_CLEAN)
-    same_doc = doc_q == doc_k
-
-    causal = (k_idx <= q_idx) & visible_k
-    clean_q = kind_q == _IMAGE_CLEAN
-    same_clean_image = clean_q & (kind_k == _IMAGE_CLEAN) & (img_q == img_k)
-    text_or_clean_rule = (causal | same_clean_image) & ~is_noisy_q
-
-    # Noisy/target queries: their prefix up to and including <|boi|>, or only <|boi|> if uncond.
-    prefix = torch.where(uncond_q, k_idx == pe_q, (k_idx <= pe_q) & visible_k)
-    same_copy = is_noisy_k & (kind_q == kind_k) & (img_q == img_k)
-    noisy_rule = is_noisy_q & (prefix | same_copy)
-
-    real = same_doc & (kind_q != _PAD) & (text_or_clean_rule | noisy_rule)
-    pad_self = (kind_q == _PAD) & (q_idx == k_idx)
-    return real | pad_self
+    window = visible_k & (k_idx >= lo_q) & (k_idx <= hi_q)
+    return (doc_q == doc_k) & (window | (group_q == group_k))
 
 
-def _prepare(token_kind, document_ids, image_ids, prefix_end, image_uncond):
-    """Validate the metadata and derive the per-token unconditional flag (B, L) bool."""
+def _token_features(token_kind, document_ids, image_ids, prefix_end, image_uncond):
+    """Validate the metadata; return per-token features (doc, lo, hi, visible, group), all (B, L).
+
+    - window [lo, hi] of keys a query sees among TEXT/IMAGE_CLEAN keys: [0, q] for TEXT and
+      IMAGE_CLEAN (causal), [0, prefix_end] for a conditional noisy/target copy,
+      [prefix_end, prefix_end] (its <|boi|> only) for an unconditional one, empty for PAD;
+    - visible: the key is TEXT or IMAGE_CLEAN (nobody sees PAD or noisy/target through a window);
+    - group: 3*image+0 for clean, 3*image+1 for noisy, 3*image+2 for target tokens (bidirectional
+      within a clean image / a copy); -(position+1) for TEXT and PAD, i.e. only themselves.
+    """
     named = {
         "token_kind": token_kind,
         "document_ids": document_ids,
@@ -122,33 +119,43 @@ def _prepare(token_kind, document_ids, image_ids, prefix_end, image_uncond):
             )
         if t.device != token_kind.device:
             raise ValueError(f"{name} is on {t.device} but token_kind is on {token_kind.device}")
-    if token_kind.numel() and (token_kind.min() < 0 or token_kind.max() > max(TokenKind)):
-        raise ValueError(f"token_kind values must be in 0..{int(max(TokenKind))} (TokenKind)")
-    is_noisy = (token_kind == TokenKind.IMAGE_NOISY) | (token_kind == TokenKind.IMAGE_TARGET)
-    if bool((is_noisy & (image_ids < 0)).any()):
-        raise ValueError("image_ids must be >= 0 at every IMAGE_NOISY/IMAGE_TARGET token")
-    if bool((is_noisy & (prefix_end < 0)).any()):
-        raise ValueError("prefix_end must be >= 0 (the <|boi|> row index) at every noisy/target token")
-    L = token_kind.shape[1]
-    if bool((is_noisy & (prefix_end >= L)).any()):
-        raise ValueError(f"prefix_end must be < L={L} at every noisy/target token")
+    kind = token_kind.long()
+    if kind.numel() and (kind.min() < 0 or kind.max() > _IMAGE_TARGET):
+        raise ValueError(f"token_kind values must be in 0..{_IMAGE_TARGET} (TokenKind)")
+    B, L = kind.shape
+    is_noisy = (kind == _IMAGE_NOISY) | (kind == _IMAGE_TARGET)
+    is_image = is_noisy | (kind == _IMAGE_CLEAN)
+    if bool((is_image & (image_ids < 0)).any()):
+        raise ValueError("image_ids must be >= 0 at every IMAGE_CLEAN/IMAGE_NOISY/IMAGE_TARGET token")
+    if bool((is_noisy & ((prefix_end < 0) | (prefix_end >= L))).any()):
+        raise ValueError(
+            f"prefix_end must be in [0, L={L}) (the <|boi|> row index) at every noisy/target token"
+        )
 
-    if image_uncond is None:
-        uncond_tok = torch.zeros_like(token_kind, dtype=torch.bool)
+    if image_uncond is None or image_uncond.numel() == 0:
+        if image_uncond is not None and bool(is_noisy.any()):
+            raise ValueError("image_uncond is empty but the rows hold noisy/target tokens")
+        uncond = torch.zeros_like(kind, dtype=torch.bool)
     else:
         if not isinstance(image_uncond, torch.Tensor) or image_uncond.dim() != 1:
             raise ValueError("image_uncond must be a 1-D bool tensor of shape (num_images,)")
-        image_uncond = image_uncond.to(device=token_kind.device, dtype=torch.bool)
+        image_uncond = image_uncond.to(device=kind.device, dtype=torch.bool)
         n_img = image_uncond.shape[0]
-        if bool((image_ids >= n_img).any()):
+        if bool((is_image & (image_ids >= n_img)).any()):
             raise ValueError(
                 f"image_ids reach {int(image_ids.max())} but image_uncond has only {n_img} entries"
             )
-        if n_img == 0:
-            uncond_tok = torch.zeros_like(token_kind, dtype=torch.bool)
-        else:
-            uncond_tok = image_uncond[image_ids.clamp(min=0)] & is_noisy  # (B, L)
-    return token_kind, document_ids, image_ids, prefix_end, uncond_tok
+        uncond = image_uncond[image_ids.clamp(0, n_img - 1)] & is_noisy  # (B, L)
+
+    pos = torch.arange(L, device=kind.device).expand(B, L)  # (B, L)
+    pe = prefix_end.long()
+    lo = torch.where(uncond, pe, torch.zeros_like(pe))
+    hi = torch.where(is_noisy, pe, pos)
+    hi = torch.where(kind == _PAD, torch.full_like(pe, -1), hi)  # empty window
+    visible = (kind == _TEXT) | (kind == _IMAGE_CLEAN)
+    copy = (kind - _IMAGE_CLEAN).clamp(min=0)  # 0 clean, 1 noisy, 2 target
+    group = torch.where(is_image, 3 * image_ids.long() + copy, -(pos + 1))
+    return document_ids.long(), lo, hi, visible, group
 
 
 def build_dense_mask(
@@ -163,16 +170,15 @@ def build_dense_mask(
 
     Vectorised: one broadcast of (B, L, 1) queries against (B, 1, L) keys, no loop over L.
     """
-    kind, doc, img, pe, unc = _prepare(token_kind, document_ids, image_ids, prefix_end, image_uncond)
-    L = kind.shape[1]
-    idx = torch.arange(L, device=kind.device)
-    q = lambda t: t[:, :, None]  # (B, L, 1): query axis
-    k = lambda t: t[:, None, :]  # (B, 1, L): key axis
-    allowed = _allowed(
-        idx[None, :, None], idx[None, None, :],
-        q(kind), k(kind), q(doc), k(doc), q(img), k(img), q(pe), q(unc),
-    )  # (B, L, L)
-    return to_additive(allowed[:, None], dtype)  # (B, 1, L, L)
+    doc, lo, hi, visible, group = _token_features(
+        token_kind, document_ids, image_ids, prefix_end, image_uncond
+    )
+    L = doc.shape[1]
+    q = lambda t: t[:, None, :, None]  # (B, 1, L, 1): query axis
+    k = lambda t: t[:, None, None, :]  # (B, 1, 1, L): key axis
+    idx = torch.arange(L, device=doc.device)
+    allowed = _allowed(idx, q(doc), k(doc), q(lo), q(hi), k(visible), q(group), k(group))
+    return to_additive(allowed, dtype)  # (B, 1, L, L)
 
 
 def build_block_mask(
@@ -189,19 +195,20 @@ def build_block_mask(
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    kind, doc, img, pe, unc = _prepare(token_kind, document_ids, image_ids, prefix_end, image_uncond)
-    B, L = kind.shape
+    doc, lo, hi, visible, group = _token_features(
+        token_kind, document_ids, image_ids, prefix_end, image_uncond
+    )
+    B, L = doc.shape
 
     def mask_mod(b, h, q_idx, kv_idx):
         # Kernels may evaluate padded indices past L in a partial block (their result is
         # discarded); clamp the lookups so they never read out of bounds.
         q, k = q_idx.clamp(max=L - 1), kv_idx.clamp(max=L - 1)
         return _allowed(
-            q_idx, kv_idx,
-            kind[b, q], kind[b, k], doc[b, q], doc[b, k], img[b, q], img[b, k], pe[b, q], unc[b, q],
+            kv_idx, doc[b, q], doc[b, k], lo[b, q], hi[b, q], visible[b, k], group[b, q], group[b, k]
         )
 
-    return create_block_mask(mask_mod, B, None, L, L, device=kind.device, BLOCK_SIZE=block_size)
+    return create_block_mask(mask_mod, B, None, L, L, device=doc.device, BLOCK_SIZE=block_size)
 
 
 def _image_step_inputs(prefix_length, num_image_tokens, boi_position, image_uncond,

@@ -360,3 +360,28 @@ def test_flow_matching_times_lie_in_unit_interval(time_sampling):
     assert abs(diag["mean_t"] - 0.5) < 0.06
     spread = t.std().item()
     assert (spread < 0.25) if time_sampling == "logit_normal" else (spread > 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_imm_loss_on_image_shaped_low_precision_batches(dtype):
+    """(B, C, H, W) items in bf16: times stay float64, the MMD is computed in float32."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1).to(dtype)
+    net = lambda x_in, t_in, s_in, cond: conv(x_in) + (s_in / 1000).to(dtype)[:, None, None, None]
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    loss, diag = imm_loss(net, x, config=IMMConfig(), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and loss > 0
+    assert diag["mmd2"].shape == (2,)
+    assert all(torch.isfinite(p.grad).all() for p in conv.parameters())
+
+
+def test_simple_edm_cosine_loss_is_finite_and_identity_time_input_passes_s():
+    net, x = RecordingNet(6), _batch(b=8)
+    config = IMMConfig(parameterization="simple_edm", interpolant="cosine", time_input="identity")
+    loss, _ = imm_loss(net, x, config=config, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    student, target = net.calls
+    assert torch.equal(student["s_in"], target["s_in"])  # identity: 1000 s, shared by both branches
+    assert (student["s_in"] < student["t_in"]).all() and (student["s_in"] >= 0).all()

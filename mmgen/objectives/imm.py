@@ -254,11 +254,6 @@ def _grouped_mmd2(student, target, t, s, num_particles: int, config):
             group_mmd2(student[used:].reshape(shape), target[used:].reshape(shape), weight[num_full:])
         )
     excluded = leftover if leftover == 1 else 0
-    if not parts:
-        raise ValueError(
-            f"x has batch size {batch}: IMM needs at least 2 items to form a group "
-            f"(num_particles={num_particles})"
-        )
     mmd2 = torch.cat(parts)
     return mmd2, mmd2.shape[0], excluded
 
@@ -278,6 +273,10 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be (B, ...) with B >= 1, got shape {tuple(x.shape)}")
     batch, m = x.shape[0], config.num_particles
+    if batch < min(2, m):
+        raise ValueError(
+            f"x has batch size {batch}: IMM needs at least 2 items to form a group (num_particles={m})"
+        )
     device = x.device
     t, s, r = _sample_group_times(-(-batch // m), config, generator, device)
     item_group = torch.arange(batch, device=device) // m  # (B,): group index of each item

@@ -112,7 +112,8 @@ def restart(net, noise, cond=None, *, num_steps, config, generator, guidance=1.0
     end = grid[-1]
     x_end = _guided_flow_map(net, x, grid[0], end, cond, config, guidance, null_cond)
     for t_next in grid[1:-1]:
-        fresh = initial_noise(x.shape, generator, config.sigma_data, dtype=x.dtype, device=x.device)
+        # drawn on the generator's device (per-sample noise is device-independent), then moved
+        fresh = initial_noise(x.shape, generator, config.sigma_data, dtype=x.dtype).to(x.device)
         x = interp.interpolate(x_end, fresh, t_next)
         x_end = _guided_flow_map(net, x, t_next, end, cond, config, guidance, null_cond)
     return x_end

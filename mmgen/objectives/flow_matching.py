@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .imm import _student_condition, network_output
+from .imm import _student_condition, draw, network_output
 from .interpolants import get_interpolant
 
 __all__ = ["FlowMatchingConfig", "flow_matching_loss", "sample_fm_times"]
@@ -66,8 +66,8 @@ class FlowMatchingConfig:
 def sample_fm_times(batch: int, config: FlowMatchingConfig, generator=None, device=None):
     """Training times t in (0, 1), float64 (B,)."""
     if config.time_sampling == "uniform":
-        return torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
-    n = torch.randn(batch, generator=generator, dtype=torch.float64, device=device)
+        return draw(torch.rand, (batch,), generator, device, torch.float64)
+    n = draw(torch.randn, (batch,), generator, device, torch.float64)
     return torch.sigmoid(config.logit_mean + config.logit_std * n)
 
 
@@ -83,7 +83,7 @@ def flow_matching_loss(
         raise ValueError(f"x must be (B, ...) with B >= 1, got shape {tuple(x.shape)}")
     batch, device = x.shape[0], x.device
     t = sample_fm_times(batch, config, generator, device)
-    noise = config.sigma_data * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
+    noise = config.sigma_data * draw(torch.randn, x.shape, generator, device, x.dtype)
     x_t = get_interpolant("ot_fm").interpolate(x, noise, t)
     cond = _student_condition(cond, batch, config.p_uncond, generator, drop_cond, device)
     g = network_output(net, x_t, t, t, cond, config)

@@ -33,6 +33,7 @@ __all__ = [
     "IMMConfig",
     "c_in",
     "compute_r",
+    "draw",
     "flow_map",
     "flow_map_coefficients",
     "group_mmd2",
@@ -212,9 +213,18 @@ def group_mmd2(student: torch.Tensor, target: torch.Tensor, weight) -> torch.Ten
     return k_ss + k_tt - 2.0 * k_st
 
 
+def draw(fn, shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """``fn`` (torch.rand / torch.randn) drawn on the generator's device, then moved to ``device``.
+
+    A CPU generator can thus drive CUDA training and gives the same numbers on every device.
+    """
+    rng_device = generator.device if generator is not None else device
+    return fn(shape, generator=generator, dtype=dtype, device=rng_device).to(device)
+
+
 def _sample_group_times(num_groups: int, config: IMMConfig, generator, device):
     """t ~ U(eps, T), s ~ U(eps, t), r = r(s, t) per group, float64 (IMM Alg. 1)."""
-    u = torch.rand(2, num_groups, generator=generator, dtype=torch.float64, device=device)
+    u = draw(torch.rand, (2, num_groups), generator, device, torch.float64)
     t = config.eps + (config.T - config.eps) * u[0]
     s = config.eps + (t - config.eps) * u[1]
     return t, s, compute_r(s, t, config)
@@ -226,7 +236,7 @@ def _student_condition(cond, batch: int, p_uncond: float, generator, drop_cond, 
         return cond
     if drop_cond is None:
         raise ValueError("p_uncond > 0 with a condition needs drop_cond(cond, mask) from the caller")
-    mask = torch.rand(batch, generator=generator, device=device) < p_uncond
+    mask = draw(torch.rand, (batch,), generator, device) < p_uncond
     return drop_cond(cond, mask) if bool(mask.any()) else cond
 
 
@@ -281,7 +291,7 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
     t, s, r = _sample_group_times(-(-batch // m), config, generator, device)
     item_group = torch.arange(batch, device=device) // m  # (B,): group index of each item
     t_b, s_b, r_b = t[item_group], s[item_group], r[item_group]
-    noise = config.sigma_data * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
+    noise = config.sigma_data * draw(torch.randn, x.shape, generator, device, x.dtype)
     interp = get_interpolant(config.interpolant)
     x_t = interp.interpolate(x, noise, t_b)  # same x and noise for both branches
     x_r = interp.interpolate(x, noise, r_b)

@@ -1,0 +1,203 @@
+"""SentencePiece model -> transformers fast tokenizer, with mmgen's special tokens and chat template.
+
+The SentencePiece model is trained by `tokenizers/train_sentencepiece.py` with settings that make the
+conversion exact and text round-trip lossless: identity normalisation, no dummy prefix, no removal of
+extra whitespace, whitespace escaped as "▁" and kept at the start of pieces, byte fallback. Special
+tokens sit at the fixed ids of CONTRACTS.md §4 and are parsed when written inline in text.
+
+    write_transformers_tokenizer(sp_model_file, out_dir, model_type="bpe") -> TokenizersBackend
+    load_tokenizer(path) -> TokenizersBackend            # AutoTokenizer.from_pretrained, offline, ids checked
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+# CONTRACTS.md §4: the id of each special token is fixed; the model, packer and generation engine rely on them.
+PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<unk>", "<s>", "</s>"
+BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN = "<|boi|>", "<|eoi|>", "<|image|>"
+USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN = "<|user|>", "<|assistant|>", "<|end|>"
+RESERVED_TOKENS = tuple(f"<|reserved_{i}|>" for i in range(6))
+SPECIAL_TOKENS = (
+    PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN,
+    BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN,
+    *RESERVED_TOKENS,
+)  # fmt: skip
+SPECIAL_TOKEN_IDS = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+BOI_ID, EOI_ID, IMAGE_ID, USER_ID, ASSISTANT_ID, END_ID = 4, 5, 6, 7, 8, 9
+# Specials SentencePiece must also match inside text (its "user defined symbols"): all except the 4 meta pieces.
+USER_DEFINED_SYMBOLS = SPECIAL_TOKENS[4:]
+
+SENTENCEPIECE_FILE = "spm.model"  # not "tokenizer.model": transformers would try to convert it with protobuf
+
+# OpenAI-style messages: content is a string or a list of {"type": "text", "text"} / {"type": "image"} parts.
+# One image is rendered as <|boi|> + num_image_tokens x <|image|> + <|eoi|>; by default num_image_tokens is
+# 1, a marker that MMGenProcessor expands to its N (the tokenizer alone does not know N). The assistant
+# turns are wrapped in {% generation %} so `return_assistant_tokens_mask=True` works.
+CHAT_TEMPLATE = """\
+{%- macro render_content(content, n_img) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- else -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'text' -%}
+                {{- part['text'] -}}
+            {%- elif part['type'] == 'image' -%}
+                {{- '<|boi|>' ~ ('<|image|>' * n_img) ~ '<|eoi|>' -}}
+            {%- else -%}
+                {{- raise_exception('mmgen chat template: unsupported content part type ' ~ part['type']) -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set n_img = num_image_tokens | default(1) -%}
+{{- bos_token -}}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}
+        {{- '<|user|>' ~ render_content(message['content'], n_img) ~ '<|end|>' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- '<|assistant|>' -}}
+        {%- generation -%}
+            {{- render_content(message['content'], n_img) ~ '<|end|>' -}}
+        {%- endgeneration -%}
+    {%- else -%}
+        {{- raise_exception('mmgen chat template: unsupported role ' ~ message['role'] ~ ' (user, assistant)') -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>' -}}
+{%- endif -%}
+"""
+
+# Named special tokens: transformers exposes e.g. tokenizer.image_token / tokenizer.image_token_id.
+NAMED_EXTRA_TOKENS = {
+    "boi_token": BOI_TOKEN,
+    "eoi_token": EOI_TOKEN,
+    "image_token": IMAGE_TOKEN,
+    "user_token": USER_TOKEN,
+    "assistant_token": ASSISTANT_TOKEN,
+    "end_token": END_TOKEN,
+}
+
+_NEVER_IN_TEXT = -1e9  # unigram score for pieces that text must never be segmented into (bytes, controls)
+
+
+def _read_pieces(sp_model_file: str | os.PathLike):
+    """(piece, score, kind) per id; kind in {"normal", "special", "byte"}. Checks the fixed ids of §4."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_file))
+    pieces = []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if i < len(SPECIAL_TOKENS):
+            if piece != SPECIAL_TOKENS[i]:
+                raise ValueError(
+                    f"{sp_model_file}: id {i} is {piece!r}, CONTRACTS.md §4 requires {SPECIAL_TOKENS[i]!r}; "
+                    "train it with tokenizers/train_sentencepiece.py"
+                )
+            kind = "special"
+        elif sp.is_byte(i):
+            kind = "byte"
+        elif sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or piece in SPECIAL_TOKEN_IDS:
+            kind = "special"
+        else:
+            kind = "normal"
+        pieces.append((piece, sp.get_score(i), kind))
+    return sp, pieces
+
+
+def _bpe_merges(pieces) -> list[tuple[str, str]]:
+    """Merges that rebuild SentencePiece's BPE: a piece is made from any two normal pieces that concatenate to
+    it, and SentencePiece applies the best-scoring merge first (ties: lower id)."""
+    normal = {piece: (score, i) for i, (piece, score, kind) in enumerate(pieces) if kind == "normal"}
+    ranked = []
+    for piece, (score, i) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, i, left, right))
+    return [(left, right) for _, _, left, right in sorted(ranked)]
+
+
+def build_backend_tokenizer(sp_model_file: str | os.PathLike, model_type: str = "bpe") -> Tokenizer:
+    """A `tokenizers.Tokenizer` that encodes exactly like the SentencePiece model (checked on a probe text)."""
+    sp, pieces = _read_pieces(sp_model_file)
+    if model_type == "bpe":
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        model = models.BPE(
+            vocab=vocab,
+            merges=_bpe_merges(pieces),
+            unk_token=UNK_TOKEN,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    elif model_type == "unigram":
+        vocab = [(p, s if kind == "normal" else _NEVER_IN_TEXT) for p, s, kind in pieces]
+        model = models.Unigram(vocab=vocab, unk_id=UNK_ID, byte_fallback=True)
+    else:
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r} (for {sp_model_file})")
+    tok = Tokenizer(model)
+    # SentencePiece (split_by_whitespace, no dummy prefix): " " -> "▁", pieces start at a "▁".
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+
+    probe = "<|user|>Draw a  red circle.<|end|><|assistant|> ok\t déjà 中 99<|boi|><|image|><|eoi|>x "
+    got, want = tok.encode(probe).ids, sp.encode(probe)
+    if got != want:
+        raise ValueError(
+            f"{sp_model_file}: the converted tokenizer disagrees with SentencePiece on a probe text "
+            f"({got} vs {want}); was it trained by tokenizers/train_sentencepiece.py with model_type={model_type!r}?"
+        )
+    return tok
+
+
+def write_transformers_tokenizer(
+    sp_model_file: str | os.PathLike, out_dir: str | os.PathLike, model_type: str = "bpe"
+):
+    """Write tokenizer.json + tokenizer_config.json (special tokens, chat template) into `out_dir`."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = build_backend_tokenizer(sp_model_file, model_type)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=dict(NAMED_EXTRA_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1_000_000,
+    )
+    check_special_token_ids(tokenizer, where=str(out_dir))
+    # save_jinja_files=False: the chat template lives in tokenizer_config.json, one self-contained file.
+    tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
+    return tokenizer
+
+
+def check_special_token_ids(tokenizer, where: str = "tokenizer") -> None:
+    """Raise if any special token of CONTRACTS.md §4 is not at its fixed id or is split when written inline."""
+    for token, want in SPECIAL_TOKEN_IDS.items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != want:
+            raise ValueError(f"{where}: special token {token!r} has id {got}, CONTRACTS.md §4 requires {want}")
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if ids != [want]:
+            raise ValueError(f"{where}: {token!r} written in text encodes to {ids}, expected [{want}]")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """AutoTokenizer.from_pretrained(path) with the fixed special-token ids checked."""
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (train one with tokenizers/train_sentencepiece.py)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    check_special_token_ids(tokenizer, where=str(path))
+    return tokenizer

@@ -1,0 +1,191 @@
+"""Write webdataset shards of documents (format: mmgen/data/sample_format.py) plus a manifest.
+
+    python -m mmgen.data.make_shards --source shapes --num-docs 10000 --out data/shapes --split train
+    python -m mmgen.data.make_shards --source jsonl --jsonl docs.jsonl --image-root images/ --out data/mine
+
+Shards are `OUT/{split}-000000.tar`, ... (`--samples-per-shard` samples each); the manifest
+`OUT/{split}-manifest.json` records counts per shard, the source and the command's config. Each JSONL
+line is either an interleaved document `{"segments": [{"text": ...}, {"image": "rel/path.png"}, ...],
+"meta": {...}}` or a pair `{"image": "rel/path.jpg", "caption": "...", ...other fields kept...}`,
+with image paths relative to `--image-root`; an optional `"key"` (no dots) names the sample.
+A bad line (invalid JSON, missing or undecodable image, empty document) is skipped with a warning
+naming file, line and problem, and counted in the manifest; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+
+import webdataset as wds
+from tqdm import tqdm
+
+from mmgen.data.sample_format import (
+    IMAGE_EXTENSIONS,
+    SampleError,
+    check_key,
+    decode_image,
+    encode_document,
+    encode_pair,
+)
+
+MANIFEST_FORMAT = "mmgen-webdataset-v1"
+
+
+def _read_image(image_root: str, relative: object) -> tuple[bytes, str]:
+    """Original bytes (no re-encoding) and extension of an image file, checked to decode."""
+    if not isinstance(relative, str):
+        raise SampleError("invalid_sample", f"image path must be a string, got {relative!r}")
+    path = os.path.join(image_root, relative)
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in IMAGE_EXTENSIONS:
+        raise SampleError("bad_image", f"{relative}: extension not in {IMAGE_EXTENSIONS}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exn:
+        raise SampleError("missing_image", f"{relative}: {exn.strerror}") from exn
+    decode_image(data)  # raises SampleError("bad_image") so a bad file never reaches a shard
+    return data, ext
+
+
+def jsonl_record_to_sample(record: object, key: str, image_root: str) -> dict:
+    """One JSONL record -> tar members (raises SampleError with the problem)."""
+    if not isinstance(record, dict):
+        raise SampleError("invalid_sample", "line must be a JSON object")
+    key = check_key(str(record.get("key", key)))
+    if "segments" in record:
+        segments, meta = record["segments"], record.get("meta", {})
+        if not isinstance(segments, list) or not isinstance(meta, dict):
+            raise SampleError("invalid_sample", "'segments' must be a list and 'meta' an object")
+        out_segments, files = [], {}
+        for i, segment in enumerate(segments):
+            if isinstance(segment, dict) and set(segment) == {"text"} and isinstance(segment["text"], str):
+                if segment["text"]:
+                    out_segments.append({"text": segment["text"]})
+            elif isinstance(segment, dict) and set(segment) == {"image"}:
+                data, ext = _read_image(image_root, segment["image"])
+                name = f"{len(files)}.{ext}"
+                files[name] = data
+                out_segments.append({"image": name})
+            else:
+                raise SampleError(
+                    "invalid_sample", f"segment {i} must be {{'text': str}} or {{'image': path}}"
+                )
+        if not out_segments:
+            raise SampleError("empty_document", "document has no non-empty segment")
+        spec = {"segments": out_segments, "meta": meta}
+        return {"__key__": key, "json": json.dumps(spec, sort_keys=True).encode("utf-8"), **files}
+    if "image" in record and "caption" in record:
+        caption = record["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            raise SampleError("empty_document", "caption must be a non-empty string")
+        data, ext = _read_image(image_root, record["image"])
+        extra = {k: v for k, v in record.items() if k not in ("image", "caption", "key")}
+        return encode_pair(key, data, ext, caption, extra)
+    raise SampleError("invalid_sample", "line needs 'segments', or 'image' and 'caption'")
+
+
+def iter_jsonl_samples(path: str, image_root: str, skipped: Counter) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exn:
+                    raise SampleError("bad_json", f"invalid JSON ({exn})") from exn
+                yield jsonl_record_to_sample(record, f"{line_number:09d}", image_root)
+            except (SampleError, ValueError) as exn:
+                problem = getattr(exn, "problem", "invalid_sample")
+                skipped[problem] += 1
+                warnings.warn(f"{path}: line {line_number}: {problem}: {exn}; skipped", stacklevel=1)
+
+
+def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int) -> Iterator[dict]:
+    from mmgen.data.shapes import iter_documents  # the shapes world (issue 4 §1)
+
+    for index, document in enumerate(iter_documents(num_docs, seed=seed, split=split, resolution=resolution)):
+        yield encode_document(document, f"{index:09d}")
+
+
+def write_shards(
+    samples: Iterator[dict], out: str, *, split: str, samples_per_shard: int, total: int | None = None
+) -> dict:
+    """Write samples (tar members) into OUT/{split}-%06d.tar; returns per-shard counts."""
+    os.makedirs(out, exist_ok=True)
+    counts: dict[str, int] = {}
+    images = 0
+    pattern = os.path.join(out, f"{split}-%06d.tar")
+    # mtime fixed so the same documents give byte-identical shards.
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0.0) as writer:
+        for sample in tqdm(samples, total=total, unit="doc", desc=f"writing {split} shards", file=sys.stderr):
+            writer.write(sample)
+            name = os.path.basename(writer.fname)
+            counts[name] = counts.get(name, 0) + 1
+            images += sum(1 for k in sample if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+    return {
+        "shards": [{"name": n, "num_samples": c} for n, c in counts.items()],
+        "num_samples": sum(counts.values()),
+        "num_images": images,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=["shapes", "jsonl"], required=True)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--num-docs", type=int, help="shapes: number of documents")
+    parser.add_argument("--seed", type=int, default=0, help="shapes: world seed")
+    parser.add_argument("--resolution", type=int, default=32, help="shapes: render size")
+    parser.add_argument("--jsonl", help="jsonl: input file")
+    parser.add_argument("--image-root", default=".", help="jsonl: directory image paths are relative to")
+    args = parser.parse_args(argv)
+    if args.samples_per_shard < 1:
+        parser.error("--samples-per-shard must be >= 1")
+    skipped: Counter = Counter()
+    if args.source == "shapes":
+        if args.num_docs is None:
+            parser.error("--source shapes needs --num-docs")
+        samples = iter_shapes_samples(args.num_docs, args.seed, args.split, args.resolution)
+        total = args.num_docs
+    else:
+        if args.jsonl is None:
+            parser.error("--source jsonl needs --jsonl FILE")
+        samples, total = iter_jsonl_samples(args.jsonl, args.image_root, skipped), None
+    written = write_shards(
+        samples, args.out, split=args.split, samples_per_shard=args.samples_per_shard, total=total
+    )
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    if args.source == "shapes":
+        config = {k: v for k, v in config.items() if k not in ("jsonl", "image_root")}
+    else:
+        config = {k: v for k, v in config.items() if k not in ("num_docs", "seed", "resolution")}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": args.source,
+        "split": args.split,
+        **written,
+        "skipped": dict(sorted(skipped.items())),
+        "config": config,
+    }
+    with open(os.path.join(args.out, f"{args.split}-manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    print(
+        f"wrote {written['num_samples']} samples in {len(written['shards'])} shards to {args.out}"
+        f" (skipped {sum(skipped.values())})",
+        file=sys.stderr,
+    )
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

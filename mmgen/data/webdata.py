@@ -1,0 +1,467 @@
+"""Reading webdataset shards into documents: split by node and worker, bad data counted, resumable.
+
+    reader = WebDocuments("shards/train-*.tar", resolution=32, shuffle=True, seed=0, epochs=None)
+    loader = DataLoader(reader, batch_size=16, num_workers=2, collate_fn=collate_documents)
+    for docs in loader:
+        reader.observe(docs)              # main process: positions + counters of what was consumed
+        ...train...; log(reader.stats)    # {"samples": ..., "documents": ..., "bad_image": ..., ...}
+        save({"data": reader.state_dict()})
+    # after a restart: reader.load_state_dict(saved["data"]) before building the DataLoader
+
+Order. Epoch e visits the shards in a permutation fixed by (seed, e) (identity if shuffle=False).
+The permutation is split by node (`webdataset.split_by_node`: rank r takes items r, r+R, ...) and
+then by DataLoader worker (`webdataset.split_by_worker`), so every shard of an epoch is read by
+exactly one worker of one node. Samples inside a shard come in tar order (no shuffle buffer: a
+buffer would lose its contents on a restart). With resampled=True each worker instead draws
+ceil(num_shards / num_workers_total) shards with replacement per epoch from an RNG seeded by
+(seed, epoch, worker), an infinite stream when epochs=None.
+
+Each shard is opened by its own `webdataset.WebDataset([url], shardshuffle=False, ...)`; the node
+and worker split happen on our list of (shard index, start offset) before that, because the
+position of a sample inside the epoch is what makes the state resumable and WebDataset's own url
+stream does not carry it.
+
+Bad data (never fatal, each warned with shard, key and problem, and counted in `ReaderStats`):
+unreadable/truncated tar files or members (`tar_errors`, from webdataset's handler hook and from
+`tar_end_problem`, since a streaming tar read stops silently at a cut), invalid JSON
+(`bad_json`), undecodable images (`bad_image`), image segments naming an absent member
+(`missing_image`), documents with no non-empty segment (`empty_document`) and other malformed
+samples (`invalid_sample`).
+
+Counters across DataLoader workers: a side channel. The counters live in a small int64 tensor in
+shared memory, one row per local DataLoader worker (row 0 without workers), created with the reader
+and inherited by the worker processes (fork or spawn). Each worker adds to its own row as it reads,
+so `reader.stats` (a dict, `ReaderStats` fields + "skipped") in the main process is live, includes
+bad data a worker met after its last good sample, and accumulates over iterations. Counts are per
+process group (node); sum across ranks yourself if you log globally.
+
+Positions across workers: through the samples. Every document carries `doc["meta"]["_wds"]` =
+{shard, key, worker, topology, position}; the main process calls `reader.observe(doc_or_docs)` on
+what the trainer consumed (with num_workers=0 the reader also records positions itself while
+iterating). A collate_fn that turns documents into tensors must keep these dicts (or call
+observe on the documents first).
+
+Resume guarantee. `state_dict()` describes exactly the observed samples: for each epoch the
+shards finished and, for shards in progress, how many tar samples were consumed. A reader given
+that state via `load_state_dict` reads every remaining sample of the stream exactly once: nothing
+observed is repeated and nothing unobserved is skipped, whatever the new number of nodes/workers
+(the order of the rest may differ when the topology changes). Two documented exceptions: samples a
+worker yielded but the trainer never observed (DataLoader prefetch) are, correctly, read again;
+in resampled mode positions are per worker, so a restart with a different number of workers starts
+a fresh epoch (sampling with replacement has no "skipped" samples to lose). State is JSON.
+One iteration per loaded state: iterating again starts again from the loaded state; to continue
+instead, call `reader.load_state_dict(reader.state_dict())` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import random
+import tarfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from urllib.parse import urlparse
+
+import braceexpand
+import torch
+import webdataset as wds
+from webdataset.utils import pytorch_worker_info
+
+from mmgen.data.sample_format import PROBLEMS, SampleError, decode_sample
+
+STATE_VERSION = 1
+
+
+class DataWarning(UserWarning):
+    """A skipped sample or shard (filter with warnings.simplefilter if it floods a log)."""
+
+
+@dataclass
+class ReaderStats:
+    samples: int = 0  # tar samples (grouped members) read, good or bad
+    documents: int = 0  # documents yielded
+    tar_errors: int = 0  # unreadable / truncated tar files or members
+    bad_json: int = 0
+    bad_image: int = 0
+    missing_image: int = 0
+    empty_document: int = 0
+    invalid_sample: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return sum(getattr(self, p) for p in PROBLEMS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "skipped": self.skipped}
+
+
+COUNTERS = tuple(f.name for f in fields(ReaderStats))
+MAX_LOCAL_WORKERS = 64
+
+
+def expand_shards(urls: str | Iterable[str]) -> list[str]:
+    """Shard list from a directory (its *.tar, sorted), a glob, a brace pattern, '::'-joined
+    patterns, or a list of any of these. Raises if nothing matches."""
+    if isinstance(urls, str):
+        urls = urls.split("::")
+    out: list[str] = []
+    for pattern in urls:
+        if os.path.isdir(pattern):
+            out.extend(sorted(glob.glob(os.path.join(pattern, "*.tar"))))
+            continue
+        for url in braceexpand.braceexpand(pattern):
+            matched = sorted(glob.glob(url)) if glob.has_magic(url) else [url]
+            out.extend(matched)
+    if not out:
+        raise FileNotFoundError(f"no shards match {urls!r}")
+    return out
+
+
+def tar_end_problem(url: str) -> str | None:
+    """Why a local .tar did not end cleanly, or None (also None for remote or compressed shards).
+
+    Python's streaming tar reader (the one webdataset uses) stops silently at a truncated file or
+    at garbage after the first member, so a cut shard would lose its tail unnoticed. A header-only
+    scan in random-access mode finds where the last readable member ends; what follows must be the
+    end-of-archive zero blocks."""
+    parsed = urlparse(url)
+    path = parsed.path if parsed.scheme in ("", "file") else None
+    if path is None or not path.endswith(".tar") or not os.path.isfile(path):
+        return None
+    try:
+        with tarfile.open(path, "r:") as archive:  # headers only: data is seeked over
+            for _ in archive:
+                pass
+            end = archive.offset
+    except (tarfile.TarError, OSError) as exn:
+        return f"truncated or corrupt tar ({exn}); samples after the damage are lost"
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(1 << 16)
+    if len(tail) < 512 or tail.count(0) != len(tail):
+        return (
+            f"tar has no end-of-archive marker after byte {end} (truncated, or garbage in a member "
+            "header); samples after that point are lost"
+        )
+    return None
+
+
+def collate_documents(batch: list[dict]) -> list[dict]:
+    """DataLoader collate_fn that keeps documents as a list (PIL images do not stack)."""
+    return batch
+
+
+def _split(items: list, topology: tuple[int, int], gid: int) -> list:
+    """What webdataset.split_by_node then split_by_worker give global worker `gid` (checked in tests)."""
+    world, num_workers = topology
+    rank, worker = divmod(gid, num_workers)
+    return items[rank::world][worker::num_workers]
+
+
+class WebDocuments(torch.utils.data.IterableDataset):
+    """Documents (CONTRACTS.md §5) from webdataset shards; see the module docstring for the order,
+    the bad-data counters, the worker mechanism and the resume guarantee.
+
+    urls: see `expand_shards`. resolution: square image size after resize + centre crop (None keeps
+    sizes). shuffle: permute shards per epoch. seed: for that permutation / resampling.
+    epochs: number of epochs (None = forever). resampled: draw shards with replacement.
+    pair_order: "text_image" | "image_text" for caption pairs.
+    """
+
+    def __init__(
+        self,
+        urls: str | Iterable[str],
+        *,
+        resolution: int | None = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int | None = 1,
+        resampled: bool = False,
+        pair_order: str = "text_image",
+    ):
+        super().__init__()
+        self.urls = expand_shards(urls)
+        self.resolution, self.shuffle, self.seed = resolution, shuffle, seed
+        self.epochs, self.resampled, self.pair_order = epochs, resampled, pair_order
+        self._base = self._empty_state()
+        self._observed: dict[
+            int, tuple[tuple[int, int], tuple[int, int, int]]
+        ] = {}  # gid -> (topology, position)
+        # (local worker, counter) in shared memory: the side channel for counts (module docstring).
+        self._counters = torch.zeros(MAX_LOCAL_WORKERS, len(COUNTERS), dtype=torch.int64).share_memory_()
+
+    # ------------------------------------------------------------------------------ plans
+
+    def _empty_state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "mode": "resampled" if self.resampled else "epoch",
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_shards": len(self.urls),
+            "epoch": 0,
+            "done": {},
+            "partial": {},
+            "topology": None,
+            "positions": {},
+        }
+
+    def _epoch_items(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard index, start offset) still to read in `epoch` (non-resampled), before splitting."""
+        base = self._base
+        if epoch < base["epoch"]:
+            return []
+        order = list(range(len(self.urls)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
+        done = set(base["done"].get(str(epoch), []))
+        partial = base["partial"].get(str(epoch), {})
+        return [(g, partial.get(str(g), 0)) for g in order if g not in done]
+
+    def _resampled_items(self, epoch: int, topology: tuple[int, int], gid: int) -> list[tuple[int, int]]:
+        total = topology[0] * topology[1]
+        rng = random.Random(f"{self.seed}/resampled/{epoch}/{gid}/{total}")
+        items = [(rng.randrange(len(self.urls)), 0) for _ in range(math.ceil(len(self.urls) / total))]
+        position = self._base["positions"].get(str(gid)) if self._base["topology"] == list(topology) else None
+        if position is not None and position[0] == epoch:
+            k, offset = position[1], position[2]
+            items = [(g, offset if i == k else 0) for i, (g, _) in enumerate(items)][k:]
+        return items
+
+    def _first_epoch(self, topology: tuple[int, int]) -> int:
+        base = self._base
+        if not self.resampled:
+            return base["epoch"]
+        if base["topology"] is None:
+            return 0
+        epochs = [p[0] for p in base["positions"].values()]
+        if base["topology"] == list(topology):
+            return min(epochs)
+        warnings.warn(
+            "resampled stream resumed with a different number of workers: starting a fresh epoch", DataWarning
+        )
+        return max(epochs) + 1
+
+    def _worker_items(self, epoch: int, topology: tuple[int, int], gid: int) -> list[tuple[int, int]]:
+        if self.resampled:
+            return self._resampled_items(epoch, topology, gid)
+        return _split(self._epoch_items(epoch), topology, gid)
+
+    # -------------------------------------------------------------------------- iteration
+
+    def _count(self, row: int, name: str) -> None:
+        self._counters[row, COUNTERS.index(name)] += 1
+
+    def _read_shard(self, url: str, start: int, row: int) -> Iterator[tuple[int, dict]]:
+        """(tar samples consumed so far in this shard, document) for the good samples after `start`."""
+
+        failed = False
+
+        def on_tar_error(exn: Exception) -> bool:
+            nonlocal failed
+            failed = True
+            self._count(row, "tar_errors")
+            warnings.warn(
+                f"{url}: unreadable tar data, rest of the shard or member skipped: "
+                f"{type(exn).__name__}: {str(exn)[:200]}",
+                DataWarning,
+            )
+            return True
+
+        dataset = wds.WebDataset(
+            [url],
+            handler=on_tar_error,
+            shardshuffle=False,
+            nodesplitter=None,
+            workersplitter=None,
+            empty_check=False,
+        )
+        for index, sample in enumerate(dataset):
+            if index < start:
+                continue
+            self._count(row, "samples")
+            key = sample.get("__key__", "?")
+            try:
+                doc = decode_sample(sample, resolution=self.resolution, pair_order=self.pair_order)
+            except SampleError as exn:
+                self._count(row, exn.problem)
+                warnings.warn(f"{url}: key {key}: {exn.problem}: {exn}", DataWarning)
+                continue
+            doc["meta"]["_wds"] = {"shard": url, "key": key}
+            yield index + 1, doc
+        problem = None if failed else tar_end_problem(url)
+        if problem is not None:
+            self._count(row, "tar_errors")
+            warnings.warn(f"{url}: {problem}", DataWarning)
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, num_workers = pytorch_worker_info()
+        topology, gid = (world, num_workers), rank * num_workers + worker
+        in_main = torch.utils.data.get_worker_info() is None
+        if in_main:
+            self._observed.clear()
+        if worker >= MAX_LOCAL_WORKERS:
+            raise ValueError(f"at most {MAX_LOCAL_WORKERS} DataLoader workers per process")
+        documents = 0
+        epoch = first = self._first_epoch(topology)
+        empty_epochs = 0
+        while self.epochs is None or epoch < self.epochs:
+            if self.resampled:
+                items = self._resampled_items(epoch, topology, gid)
+            else:  # the real webdataset splitters, so torch.distributed groups are honoured
+                items = list(wds.split_by_worker(wds.split_by_node(self._epoch_items(epoch))))
+            before = documents
+            for k, (g, start) in enumerate(items):
+                for offset, doc in self._read_shard(self.urls[g], start, worker):
+                    self._count(worker, "documents")
+                    documents += 1
+                    position = (epoch, k, offset)
+                    doc["meta"]["_wds"].update(worker=gid, topology=list(topology), position=list(position))
+                    if in_main:
+                        self._observed[gid] = (topology, position)
+                    yield doc
+            # Guard against a silent busy loop when every shard of this worker is bad (or it has none).
+            empty_epochs = empty_epochs + 1 if epoch > first and documents == before else 0
+            if self.epochs is None and empty_epochs >= (10 if self.resampled else 1):
+                warnings.warn(
+                    f"worker {gid}: {empty_epochs} whole epoch(s) gave no document "
+                    f"({len(items)} shards); stopping this worker's infinite stream",
+                    DataWarning,
+                )
+                return
+            epoch += 1
+
+    # ---------------------------------------------------------------------- observation
+
+    def observe(self, docs: dict | Iterable[dict]) -> None:
+        """Record (main process) the documents the trainer consumed: their worker's position."""
+        for doc in [docs] if isinstance(docs, dict) else docs:
+            info = doc["meta"]["_wds"]
+            self._observed[info["worker"]] = (tuple(info["topology"]), tuple(info["position"]))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of this process and its DataLoader workers, live (see the module docstring)."""
+        totals = self._counters.sum(dim=0).tolist()
+        return ReaderStats(**dict(zip(COUNTERS, totals))).as_dict()
+
+    # ---------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """JSON-able position of everything observed so far (see the resume guarantee above)."""
+        state = copy.deepcopy(self._base)
+        if not self._observed:
+            return state
+        topologies = {t for t, _ in self._observed.values()}
+        if len(topologies) != 1:
+            raise RuntimeError(f"observed documents from several worker topologies {topologies}")
+        topology = topologies.pop()
+        if self.resampled:
+            state["topology"] = list(topology)
+            for gid, (_, position) in self._observed.items():
+                state["positions"][str(gid)] = list(position)
+            return state
+        done = {int(e): set(v) for e, v in state["done"].items()}
+        partial = {int(e): {int(g): o for g, o in v.items()} for e, v in state["partial"].items()}
+        for gid, (_, (epoch, k, offset)) in self._observed.items():
+            for e in range(self._base["epoch"], epoch + 1):
+                items = self._worker_items(e, topology, gid)
+                finished = items if e < epoch else items[:k]
+                done.setdefault(e, set()).update(g for g, _ in finished)
+                for g, _ in finished:
+                    partial.get(e, {}).pop(g, None)
+            shard = self._worker_items(epoch, topology, gid)[k][0]
+            partial.setdefault(epoch, {})[shard] = offset
+        first = self._base["epoch"]
+        while len(done.get(first, ())) == len(self.urls):
+            done.pop(first)
+            partial.pop(first, None)
+            first += 1
+        state["epoch"] = first
+        state["done"] = {str(e): sorted(v) for e, v in sorted(done.items()) if e >= first}
+        state["partial"] = {
+            str(e): {str(g): o for g, o in sorted(v.items())}
+            for e, v in sorted(partial.items())
+            if e >= first and v
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = self._empty_state()
+        for name in ("version", "mode", "seed", "shuffle", "num_shards"):
+            if state.get(name) != expected[name]:
+                raise ValueError(
+                    f"loader state has {name}={state.get(name)!r} but this reader has "
+                    f"{expected[name]!r}; build the reader with the same shards and settings"
+                )
+        self._base = copy.deepcopy(state)
+        self._observed.clear()
+
+
+# ------------------------------------------------------------------------------------ benchmark
+
+
+def bench(
+    path: str,
+    *,
+    num_workers: int,
+    batch_size: int = 64,
+    resolution: int = 32,
+    max_documents: int | None = None,
+) -> dict[str, float]:
+    """Documents/s and images/s through a torch DataLoader over one pass of the shards at `path`."""
+    reader = WebDocuments(path, resolution=resolution, shuffle=True, seed=0, epochs=1)
+    loader = torch.utils.data.DataLoader(
+        reader, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_documents
+    )
+    start = time.perf_counter()
+    documents = images = 0
+    for docs in loader:
+        reader.observe(docs)
+        documents += len(docs)
+        images += sum("image" in s for d in docs for s in d["segments"])
+        if max_documents is not None and documents >= max_documents:
+            break
+    seconds = time.perf_counter() - start
+    return {
+        "num_workers": num_workers,
+        "documents": documents,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "documents_per_s": round(documents / seconds, 1),
+        "images_per_s": round(images / seconds, 1),
+        "skipped": reader.stats["skipped"] + reader.stats["tar_errors"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Benchmark reading webdataset shards of documents.")
+    parser.add_argument("--bench", required=True, metavar="SHARDS", help="directory, glob or brace pattern")
+    parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--max-documents", type=int, default=None)
+    args = parser.parse_args(argv)
+    for num_workers in args.num_workers:
+        print(
+            json.dumps(
+                bench(
+                    args.bench,
+                    num_workers=num_workers,
+                    batch_size=args.batch_size,
+                    resolution=args.resolution,
+                    max_documents=args.max_documents,
+                )
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

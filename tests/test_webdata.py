@@ -1,0 +1,361 @@
+"""Webdataset shards: sample formats, bad data counted, resumable state, worker split, writer CLI."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections import Counter
+from itertools import islice
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from mmgen.data.sample_format import encode_document, encode_pair, encode_png
+from mmgen.data.webdata import DataWarning, WebDocuments, _split, collate_documents, tar_end_problem
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
+
+
+def drawn(i: int, size=(16, 16)) -> Image.Image:
+    """A deterministic test image: black with a coloured box whose colour and place depend on i."""
+    image = Image.new("RGB", size, (0, 0, 0))
+    x = i % (size[0] - 4)
+    ImageDraw.Draw(image).rectangle([x, 2, x + 3, 9], fill=COLOURS[i % len(COLOURS)])
+    return image
+
+
+def doc(i: int) -> dict:
+    return {
+        "segments": [
+            {"text": f"doc {i} draws"},
+            {"image": drawn(i)},
+            {"text": "and"},
+            {"image": drawn(i + 1)},
+        ],
+        "meta": {"index": i},
+    }
+
+
+def write_tar(path, samples) -> None:
+    with wds.TarWriter(str(path), encoder=False, mtime=0.0) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+def write_docs(tmp_path, num_shards: int, per_shard: int) -> list[str]:
+    paths = []
+    for s in range(num_shards):
+        path = tmp_path / f"train-{s:06d}.tar"
+        write_tar(path, [encode_document(doc(s * 100 + j), f"s{s}k{j}") for j in range(per_shard)])
+        paths.append(str(path))
+    return paths
+
+
+def keys(docs) -> list[str]:
+    return [d["meta"]["_wds"]["key"] for d in docs]
+
+
+def read_all(reader) -> list[dict]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        return list(reader)
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+
+def test_interleaved_and_pair_samples_round_trip_to_documents(tmp_path):
+    jpg = io.BytesIO()
+    drawn(3).save(jpg, format="JPEG", quality=95)
+    pair_json = encode_pair("pairjson", encode_png(drawn(1)), "png", "a red box", {"url": "http://x"})
+    pair_txt = {"__key__": "pairtxt", "jpg": jpg.getvalue(), "txt": b"  a blue box \n"}
+    write_tar(tmp_path / "a.tar", [encode_document(doc(0), "inter"), pair_json, pair_txt])
+
+    docs = {
+        d["meta"]["_wds"]["key"]: d
+        for d in read_all(WebDocuments(str(tmp_path / "a.tar"), resolution=None, shuffle=False))
+    }
+    inter = docs["inter"]
+    assert [list(s) for s in inter["segments"]] == [["text"], ["image"], ["text"], ["image"]]
+    assert inter["segments"][0]["text"] == "doc 0 draws" and inter["meta"]["index"] == 0
+    assert inter["segments"][1]["image"].mode == "RGB"
+    assert list(inter["segments"][1]["image"].get_flattened_data()) == list(
+        drawn(0).get_flattened_data()
+    )  # PNG is lossless
+    assert list(inter["segments"][3]["image"].get_flattened_data()) == list(drawn(1).get_flattened_data())
+    assert docs["pairjson"]["segments"][0] == {"text": "a red box"}
+    assert docs["pairjson"]["meta"]["url"] == "http://x"
+    assert docs["pairtxt"]["segments"][0] == {"text": "a blue box"}
+    assert docs["pairtxt"]["segments"][1]["image"].size == (16, 16)
+
+    order = WebDocuments(str(tmp_path / "a.tar"), resolution=None, shuffle=False, pair_order="image_text")
+    first_pair = next(d for d in read_all(order) if d["meta"]["_wds"]["key"] == "pairjson")
+    assert list(first_pair["segments"][0]) == ["image"]
+
+
+def test_images_become_rgb_resized_and_centre_cropped(tmp_path):
+    wide = Image.new("RGB", (60, 30), (255, 0, 0))
+    ImageDraw.Draw(wide).rectangle([20, 0, 39, 29], fill=(0, 255, 0))  # green middle third
+    gray = Image.new("L", (20, 20), 128)
+    samples = [
+        {"__key__": "wide", "png": encode_png(wide), "txt": b"wide"},
+        {"__key__": "gray", "png": _png_bytes(gray), "txt": b"gray"},
+    ]
+    write_tar(tmp_path / "a.tar", samples)
+    docs = {
+        d["meta"]["_wds"]["key"]: d
+        for d in read_all(WebDocuments(str(tmp_path / "a.tar"), resolution=8, shuffle=False))
+    }
+    image = docs["wide"]["segments"][1]["image"]
+    assert image.mode == "RGB" and image.size == (8, 8)
+    assert image.getpixel((4, 4)) == (0, 255, 0)  # the centre survives the crop
+    red_left, _, _ = image.getpixel((0, 4))
+    assert red_left > 100  # the crop keeps the middle 30x30 of 60x30: a strip of red remains at the edge
+    assert docs["gray"]["segments"][1]["image"].getpixel((3, 3)) == (128, 128, 128)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------- bad data
+
+
+DAMAGED = ("cut_at_header", "cut_in_data", "garbled")
+
+
+def _corrupt_shards(tmp_path) -> tuple[list[str], set[str]]:
+    """mixed.tar: one bad sample of each kind + 4 good; garbage.tar: not a tar at all; three tars of
+    6 documents damaged after their first members (cut at a header, cut inside a member, overwritten)."""
+    good = [encode_document(doc(i), f"good{i}") for i in range(4)]
+    bad_json = {"__key__": "badjson", "json": b"{not json", "0.png": encode_png(drawn(0))}
+    bad_image = encode_document(doc(9), "badimage")
+    bad_image["0.png"] = b"\x89PNG\r\n\x1a\n garbage"
+    missing = encode_document(doc(8), "missing")
+    del missing["1.png"]
+    empty = {"__key__": "empty", "json": json.dumps({"segments": [{"text": ""}], "meta": {}}).encode()}
+    invalid = {"__key__": "invalid", "json": json.dumps({"segments": [{"sound": "x.wav"}]}).encode()}
+    # Bad samples first, so they are not the last thing a worker reads.
+    write_tar(tmp_path / "mixed.tar", [bad_json, bad_image, missing, empty, invalid, *good])
+    (tmp_path / "garbage.tar").write_bytes(bytes(range(256)) * 40)
+    write_tar(tmp_path / "full.tar", [encode_document(doc(50 + i), f"dmg{i}") for i in range(6)])
+    data = (tmp_path / "full.tar").read_bytes()
+    half = len(data) // 2  # 512-aligned: a member header starts here
+    (tmp_path / "cut_at_header.tar").write_bytes(data[:half])
+    (tmp_path / "cut_in_data.tar").write_bytes(data[: half + 512 + 40])
+    (tmp_path / "garbled.tar").write_bytes(data[:half] + bytes(range(1, 256)) * 8 + data[half + 2040 :])
+    os.remove(tmp_path / "full.tar")
+    names = ["mixed", "garbage", *DAMAGED]
+    return [str(tmp_path / f"{n}.tar") for n in names], {f"good{i}" for i in range(4)}
+
+
+def test_each_kind_of_bad_data_is_skipped_counted_and_named(tmp_path):
+    urls, good = _corrupt_shards(tmp_path)
+    reader = WebDocuments(urls, resolution=None, shuffle=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = list(reader)
+    by_shard: dict[str, list[str]] = {}
+    for d in docs:
+        by_shard.setdefault(os.path.basename(d["meta"]["_wds"]["shard"]), []).append(d["meta"]["_wds"]["key"])
+    assert set(by_shard["mixed.tar"]) == good
+    for name in DAMAGED:  # the samples before the damage arrive, in order
+        got = by_shard[f"{name}.tar"]
+        assert 1 <= len(got) < 6 and got == [f"dmg{i}" for i in range(len(got))], name
+    stats = reader.stats
+    assert stats["tar_errors"] == 1 + len(DAMAGED)  # garbage.tar + each damaged tar, once
+    assert stats["bad_json"] == 1 and stats["empty_document"] == 1
+    # One each in mixed.tar; a damaged tar may also leave its last sample incomplete (at most one).
+    partial = stats["bad_image"] + stats["missing_image"] + stats["invalid_sample"]
+    assert min(stats["bad_image"], stats["missing_image"], stats["invalid_sample"]) >= 1
+    assert 3 <= partial <= 3 + len(DAMAGED)
+    assert stats["documents"] == len(docs)
+    assert stats["samples"] == stats["documents"] + stats["skipped"]
+    messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert any("mixed.tar" in m and "badjson" in m and "bad_json" in m for m in messages)
+    assert any("mixed.tar" in m and "missing" in m and "'1.png'" in m for m in messages)
+    assert any("garbage.tar" in m and "unreadable tar" in m for m in messages)
+    for name in DAMAGED:
+        assert any(f"{name}.tar" in m and ("lost" in m or "unreadable tar" in m) for m in messages), name
+
+
+def test_intact_tar_has_no_end_problem(tmp_path):
+    write_docs(tmp_path, num_shards=1, per_shard=3)
+    assert tar_end_problem(str(tmp_path / "train-000000.tar")) is None
+    assert tar_end_problem("http://example.com/remote.tar") is None  # only local files are checked
+
+
+def test_bad_data_counters_reach_the_main_process_from_workers(tmp_path):
+    urls, _ = _corrupt_shards(tmp_path)
+    serial = WebDocuments(urls, resolution=None, shuffle=False)
+    read_all(serial)
+    reader = WebDocuments(urls, resolution=None, shuffle=False)
+    loader = torch.utils.data.DataLoader(reader, batch_size=2, num_workers=2, collate_fn=collate_documents)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        for docs in loader:
+            reader.observe(docs)
+    # Worker 1 reads only garbage.tar and never yields a document: its count still arrives.
+    assert reader.stats == serial.stats
+    assert reader.stats["tar_errors"] == 1 + len(DAMAGED)
+
+
+# --------------------------------------------------------------------------------------- resuming
+
+
+@pytest.mark.parametrize("k", [1, 7, 11, 30])
+def test_resume_reads_every_remaining_sample_exactly_once(tmp_path, k):
+    urls = write_docs(tmp_path, num_shards=5, per_shard=7)
+    full = keys(read_all(WebDocuments(urls, shuffle=True, seed=3, epochs=2)))
+    assert Counter(full) == Counter({key: 2 for key in set(full)}) and len(set(full)) == 35
+
+    first = WebDocuments(urls, shuffle=True, seed=3, epochs=2)
+    head = keys(islice(iter(first), k))
+    state = json.loads(json.dumps(first.state_dict()))
+    second = WebDocuments(urls, shuffle=True, seed=3, epochs=2)
+    second.load_state_dict(state)
+    rest = keys(read_all(second))
+    assert head == full[:k]
+    assert head + rest == full  # same topology: even the order is the uninterrupted one
+
+
+def test_resume_across_a_change_of_worker_count(tmp_path):
+    urls = write_docs(tmp_path, num_shards=5, per_shard=6)
+    reader = WebDocuments(urls, shuffle=True, seed=1, epochs=1)
+    loader = torch.utils.data.DataLoader(reader, batch_size=4, num_workers=2, collate_fn=collate_documents)
+    head = []
+    for docs in islice(loader, 4):  # 16 documents, from both workers
+        reader.observe(docs)
+        head += keys(docs)
+    state = json.loads(json.dumps(reader.state_dict()))
+    resumed = WebDocuments(urls, shuffle=True, seed=1, epochs=1)
+    resumed.load_state_dict(state)
+    rest = keys(read_all(resumed))  # now num_workers=0
+    assert Counter(head + rest) == Counter({f"s{s}k{j}": 1 for s in range(5) for j in range(6)})
+
+
+def test_state_from_other_settings_is_refused(tmp_path):
+    urls = write_docs(tmp_path, num_shards=2, per_shard=2)
+    state = WebDocuments(urls, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        WebDocuments(urls, seed=2).load_state_dict(state)
+
+
+def test_resampled_stream_is_infinite_deterministic_and_resumable(tmp_path):
+    urls = write_docs(tmp_path, num_shards=3, per_shard=4)
+    stream = keys(islice(iter(WebDocuments(urls, resampled=True, epochs=None, seed=5)), 40))
+    again = WebDocuments(urls, resampled=True, epochs=None, seed=5)
+    assert keys(islice(iter(again), 40)) == stream
+    assert len(set(stream)) > 4  # draws several shards
+    head_reader = WebDocuments(urls, resampled=True, epochs=None, seed=5)
+    head = keys(islice(iter(head_reader), 13))
+    resumed = WebDocuments(urls, resampled=True, epochs=None, seed=5)
+    resumed.load_state_dict(json.loads(json.dumps(head_reader.state_dict())))
+    assert head + keys(islice(iter(resumed), 27)) == stream
+
+
+# ------------------------------------------------------------------------------- node/worker split
+
+
+@pytest.mark.parametrize("world,num_workers", [(1, 2), (2, 1), (2, 3)])
+def test_split_replica_matches_webdataset_splitters(monkeypatch, world, num_workers):
+    items = [(g, 0) for g in range(13)]
+    seen = []
+    for gid in range(world * num_workers):
+        rank, worker = divmod(gid, num_workers)
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("WORKER", str(worker))
+        monkeypatch.setenv("NUM_WORKERS", str(num_workers))
+        mine = list(wds.split_by_worker(wds.split_by_node(items)))
+        assert mine == _split(items, (world, num_workers), gid)
+        seen += mine
+    assert sorted(seen) == items
+
+
+def test_two_workers_read_disjoint_samples_that_cover_the_epoch(tmp_path):
+    urls = write_docs(tmp_path, num_shards=4, per_shard=5)
+    reader = WebDocuments(urls, shuffle=True, seed=0, epochs=1)
+    loader = torch.utils.data.DataLoader(reader, batch_size=3, num_workers=2, collate_fn=collate_documents)
+    by_worker: dict[int, list[str]] = {0: [], 1: []}
+    for docs in loader:
+        for d in docs:
+            by_worker[d["meta"]["_wds"]["worker"]].append(d["meta"]["_wds"]["key"])
+    assert len(by_worker[0]) == len(by_worker[1]) == 10
+    assert not set(by_worker[0]) & set(by_worker[1])
+    assert sorted(by_worker[0] + by_worker[1]) == sorted(f"s{s}k{j}" for s in range(4) for j in range(5))
+
+
+# ------------------------------------------------------------------------------------- writer CLI
+
+
+def test_make_shards_from_jsonl_via_command_line(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        drawn(i).save(root / f"{i}.png")
+    drawn(5).save(root / "photo.jpg", quality=95)
+    (root / "broken.png").write_bytes(b"not a png")
+    lines = [
+        {
+            "segments": [{"text": "first"}, {"image": "0.png"}, {"text": "then"}, {"image": "1.png"}],
+            "meta": {"topic": "boxes"},
+        },
+        {"image": "photo.jpg", "caption": "a magenta box", "source": "mine"},
+        {"segments": [{"image": "2.png"}, {"text": "a caption after"}], "key": "custom_key"},
+        {"image": "nope.png", "caption": "missing file"},
+        {"image": "broken.png", "caption": "broken file"},
+        {"segments": [{"text": ""}]},
+    ]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n{bad json\n")
+    out = tmp_path / "shards"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmgen.data.make_shards",
+            "--source",
+            "jsonl",
+            "--jsonl",
+            str(jsonl),
+            "--image-root",
+            str(root),
+            "--out",
+            str(out),
+            "--split",
+            "val",
+            "--samples-per-shard",
+            "2",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "line 4: missing_image" in result.stderr and "line 7: bad_json" in result.stderr
+    manifest = json.loads((out / "val-manifest.json").read_text())
+    assert manifest["num_samples"] == 3 and manifest["num_images"] == 4
+    assert [s["num_samples"] for s in manifest["shards"]] == [2, 1]
+    assert manifest["skipped"] == {"bad_image": 1, "bad_json": 1, "empty_document": 1, "missing_image": 1}
+    assert manifest["config"]["samples_per_shard"] == 2 and manifest["source"] == "jsonl"
+
+    docs = {
+        d["meta"]["_wds"]["key"]: d
+        for d in read_all(WebDocuments(str(out / "val-*.tar"), resolution=None, shuffle=False))
+    }
+    assert set(docs) == {"000000001", "000000002", "custom_key"}
+    first = docs["000000001"]
+    assert [s.get("text") for s in first["segments"]] == ["first", None, "then", None]
+    assert list(first["segments"][3]["image"].get_flattened_data()) == list(drawn(1).get_flattened_data())
+    assert first["meta"]["topic"] == "boxes"
+    assert docs["000000002"]["segments"][0] == {"text": "a magenta box"}
+    assert docs["000000002"]["meta"]["source"] == "mine"
+    assert list(docs["custom_key"]["segments"][0]) == ["image"]

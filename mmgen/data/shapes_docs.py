@@ -54,8 +54,8 @@ def scene_spec(scene: Scene, rng: random.Random, p_relation: float = 0.7) -> dic
     if len(groups) == 2 and len(scene.objects) == 2 and rng.random() < p_relation:
         a, b = rng.sample([0, 1], 2)
         rels = sorted(object_relations(scene.objects[a], scene.objects[b]))
-        if rels:
-            spec["relations"] = [{"a": a, "relation": rng.choice(rels), "b": b}]
+        if rels:  # groups in sentence order, so the text parses back to this very dict
+            spec = {"objects": [groups[a], groups[b]], "relations": [{"a": 0, "relation": rng.choice(rels), "b": 1}]}
     return spec
 
 

@@ -1,0 +1,409 @@
+"""MMGenForConditionalGeneration: one causal-LM backbone for text tokens and IMM image slots.
+
+DESIGN.md §3-§6, CONTRACTS.md §2-§3. The backbone is any Hugging Face causal LM built with
+`AutoModelForCausalLM.from_config(config.text_config)` and kept whole as `language_model`
+(module names unchanged, so PEFT targets such as `q_proj`/`v_proj` apply). We feed it
+`inputs_embeds` (text embeddings, and at image slots patch embeddings + position + time
+embeddings, `image_embedding.py`), the packer's `position_ids`, and a custom 4D mask from
+`masks.py` (dense additive float for sdpa/eager, FlexAttention `BlockMask` for flex_attention).
+Text logits come from the backbone's `lm_head` at text positions only; image slots go through
+the image head to G_theta (the flow-map formula lives in `objectives/`, the model knows none).
+
+Unconditional noisy copies (classifier-free guidance) see a *null context*: a `<|boi|>` token
+run on its own. In a packed row the model appends, per unconditional image, one extra `<|boi|>`
+token in a document of its own at the end of the row and points the copy's `prefix_end` there.
+The row's own `<|boi|>` would not do: from layer 2 on its keys carry the text before it.
+Generation shows the model the same null context with `null_context_cache`.
+
+transformers 5 conventions (ENVIRONMENT.md): forward takes `cache`, there is no
+`cache_position` (positions come from `position_ids` or `cache.get_seq_length()`), `dtype=`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+from mmgen.cache_view import FrozenPrefixCache
+from mmgen.configuration_mmgen import NUM_RESERVED_TOKENS, SPECIAL_TOKENS, MMGenConfig
+from mmgen.image_embedding import ImageInputEmbedding, build_image_head, unpatchify
+from mmgen.masks import TokenKind, build_block_mask, build_dense_mask, build_image_step_mask
+
+_IMAGE_KINDS = (TokenKind.IMAGE_CLEAN, TokenKind.IMAGE_NOISY, TokenKind.IMAGE_TARGET)
+
+
+@dataclass
+class MMGenOutput(ModelOutput):
+    """loss: text CE (mean over label tokens); logits: see `forward`; image_outputs / target_outputs /
+    clean_outputs: G at the student / target / clean copy, (num_images, C, h, w); cache; last_hidden_state
+    (B, L, D) after the backbone's final norm."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    image_outputs: torch.Tensor | None = None
+    target_outputs: torch.Tensor | None = None
+    clean_outputs: torch.Tensor | None = None
+    cache: Cache | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+def _build_vae(config: MMGenConfig):
+    """The frozen VAE submodule (mmgen/vae.py), built from config; saved and loaded with the model."""
+    from mmgen.vae import MMGenVAE
+
+    return MMGenVAE.from_config(config.vae_config, latent_mean=config.latent_mean,
+                                latent_std=config.latent_std, sigma_data=config.sigma_data)
+
+
+class MMGenPreTrainedModel(PreTrainedModel):
+    config_class = MMGenConfig  # explicit: with postponed annotations the annotation is a string
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = False  # custom 4D masks; flash-attn takes none
+
+    def _init_weights(self, module):
+        # The VAE keeps diffusers' own init (or its loaded weights); see MMGenForConditionalGeneration.__init__.
+        super()._init_weights(module)
+
+
+class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
+    def __init__(self, config: MMGenConfig):
+        super().__init__(config)
+        text = config.text_config
+        self.language_model = AutoModelForCausalLM.from_config(text)
+        D = text.hidden_size
+        self.image_in = ImageInputEmbedding(
+            config.patch_size, config.latent_channels, config.patches_per_side, D, config.time_embed_dim
+        )
+        self.image_head = build_image_head(config.image_head, D, config.patch_dim, config.image_head_depth)
+        self.vae = _build_vae(config)
+        for module in self.vae.modules():  # keep diffusers' init: post_init must not re-initialise the VAE
+            module._is_hf_initialized = True
+        self.post_init()
+
+    # ---- plumbing -----------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> PreTrainedModel:
+        """The transformer without its LM head (e.g. `LlamaModel`)."""
+        return self.language_model.base_model
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def _attn_impl(self) -> str:
+        return self.language_model.config._attn_implementation or "sdpa"
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_output_embeddings()(hidden)
+
+    # ---- image tokens ---------------------------------------------------------------------------------
+    def _embed_images(self, embeds, token_kind, image_ids, patch_ids, copies):
+        """Write image-slot embeddings into `embeds` (B, L, D); return {kind: per-image condition (M, D)}."""
+        conds = {}
+        for kind, (latents, t_in, s_in) in copies.items():
+            sel = token_kind == kind
+            name = kind.name.lower()
+            if latents is None:
+                if bool(sel.any()):
+                    raise ValueError(f"the row has {name} tokens but no latents for them were given")
+                continue
+            if not bool(sel.any()):
+                raise ValueError(f"latents for {name} copies were given but token_kind has no {name} tokens")
+            img_embeds, cond = self.image_in(latents, t_in, s_in)  # (M, N, D), (M, D)
+            b, l = sel.nonzero(as_tuple=True)
+            values = img_embeds[image_ids[b, l], patch_ids[b, l]]  # (n, D)
+            embeds = embeds.index_put((b, l), values.to(embeds.dtype))
+            conds[kind] = cond
+        return embeds, conds
+
+    def _image_outputs(self, hidden, token_kind, image_ids, patch_ids, kind, cond):
+        """Head + unpatchify at the tokens of one copy kind -> G (M, C, h, w); zeros where an image has none."""
+        cfg = self.config
+        sel = token_kind == kind
+        img, pid = image_ids[sel], patch_ids[sel]
+        out = self.image_head(hidden[sel], cond[img].to(hidden.dtype))  # (n, C p^2)
+        M, N = cond.shape[0], cfg.num_image_tokens
+        patches = out.new_zeros(M, N, cfg.patch_dim).index_put((img, pid), out)  # (M, N, C p^2)
+        return unpatchify(patches, cfg.patch_size, cfg.latent_channels, cfg.patches_per_side)
+
+    def _add_null_context(self, embeds, input_ids, position_ids, meta, image_uncond):
+        """Append one context-free <|boi|> per unconditional image and point its noisy copies at it.
+
+        meta = [token_kind, document_ids, image_ids, patch_ids, prefix_end], all (B, L). Appended
+        columns are PAD except the null <|boi|>s, each a TEXT token in a fresh document holding also
+        the copies of its image, at the position of the image's real <|boi|>. Nothing else sees them.
+        """
+        kind, doc, img, pid, pe = meta
+        noisy = (kind == TokenKind.IMAGE_NOISY) | (kind == TokenKind.IMAGE_TARGET)
+        unc = noisy & image_uncond.to(kind.device)[img.clamp(min=0)]
+        rows, cols = unc.nonzero(as_tuple=True)
+        pairs = sorted({(int(r), int(img[r, c]), int(pe[r, c])) for r, c in zip(rows, cols)})
+        B, L = kind.shape
+        per_row = [sum(1 for r, _, _ in pairs if r == b) for b in range(B)]
+        K = max(per_row)
+        pad = lambda t, v: torch.cat([t, t.new_full((B, K), v)], dim=1)  # (B, L + K)
+        kind, img, pid, pe = pad(kind, int(TokenKind.PAD)), pad(img, -1), pad(pid, -1), pad(pe, -1)
+        doc, position_ids = pad(doc, -1), pad(position_ids, 0)
+        embeds = torch.cat([embeds, embeds.new_zeros(B, K, embeds.shape[-1])], dim=1)  # (B, L + K, D)
+        used = [0] * B
+        for r, i, boi in pairs:
+            slot = L + used[r]
+            new_doc = int(doc[r].max()) + 1
+            used[r] += 1
+            kind[r, slot], doc[r, slot], position_ids[r, slot] = int(TokenKind.TEXT), new_doc, position_ids[r, boi]
+            embeds[r, slot] = self.get_input_embeddings()(input_ids[r, boi])
+            copy = noisy[r] & (img[r, :L] == i)
+            copy = torch.cat([copy, copy.new_zeros(K)])
+            doc[r, copy], pe[r, copy] = new_doc, slot
+        return embeds, position_ids, [kind, doc, img, pid, pe]
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        token_kind: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        image_ids: torch.LongTensor | None = None,
+        patch_ids: torch.LongTensor | None = None,
+        prefix_end: torch.LongTensor | None = None,
+        clean_latents: torch.Tensor | None = None,
+        noisy_latents: torch.Tensor | None = None,
+        noisy_t: torch.Tensor | None = None,
+        noisy_s: torch.Tensor | None = None,
+        target_latents: torch.Tensor | None = None,
+        target_t: torch.Tensor | None = None,
+        target_s: torch.Tensor | None = None,
+        image_uncond: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_clean_outputs: bool = False,
+        **kwargs,
+    ) -> MMGenOutput:
+        """CONTRACTS.md §3. Two modes:
+
+        - text-only (`token_kind` is None): a plain causal-LM call on `input_ids` (what `generate()`
+          does); `attention_mask` is the usual 2D padding mask; positions default to cache length + arange.
+        - packed multimodal rows (`token_kind` etc. given, all (B, L)): image slots from the latents, the
+          mask built from the metadata unless a prebuilt 4D `attention_mask` is passed. No cache by
+          default; with a cache only an empty one (prefill) is accepted, and no noisy/target tokens
+          (the cache never holds them: use `image_step` / `append_clean_image`).
+
+        logits: with `logits_to_keep` > 0 (int, or index tensor) the logits of those positions; else
+        with `labels` None, (B, L, V) with values at TEXT positions and 0 elsewhere (vocab logits are
+        never computed for image slots); else None (training: the loss needs only label positions).
+        The loss shifts internally and ignores labels whose preceding token is not TEXT of the same document.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids is required (image slots carry the <|image|> placeholder id)")
+        B, L = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(L, device=input_ids.device) + past).expand(B, L)
+        embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
+        multimodal = token_kind is not None
+        conds = {}
+        if multimodal:
+            meta = [token_kind, document_ids, image_ids, patch_ids, prefix_end]
+            for name, t in zip(("document_ids", "image_ids", "patch_ids", "prefix_end"), meta[1:]):
+                if t is None or t.shape != (B, L):
+                    raise ValueError(f"{name} must be a (B, L)=({B}, {L}) tensor when token_kind is given")
+            noisy_any = bool(((token_kind == TokenKind.IMAGE_NOISY) | (token_kind == TokenKind.IMAGE_TARGET)).any())
+            if cache is not None and (past > 0 or noisy_any) and attention_mask is None:
+                raise ValueError(
+                    "a cache with packed metadata is only for prefilling an empty cache with text and clean "
+                    "images; use image_step() / append_clean_image() on a filled cache"
+                )
+            use_cache = bool(use_cache) if cache is None else True
+            zeros = torch.zeros(clean_latents.shape[0] if clean_latents is not None else 0, device=embeds.device)
+            clean = None if clean_latents is None else clean_latents / self.config.sigma_data
+            copies = {
+                TokenKind.IMAGE_CLEAN: (clean, zeros, zeros),  # clean copy: t = s = 0
+                TokenKind.IMAGE_NOISY: (noisy_latents, noisy_t, noisy_s),
+                TokenKind.IMAGE_TARGET: (target_latents, target_t, target_s),
+            }
+            embeds, conds = self._embed_images(embeds, token_kind, image_ids, patch_ids, copies)
+            bb_pos = position_ids
+            if image_uncond is not None and bool(image_uncond.any()) and noisy_any and attention_mask is None:
+                embeds, bb_pos, meta = self._add_null_context(embeds, input_ids, position_ids, meta, image_uncond)
+            if attention_mask is None:
+                kind, doc, img, _, pe = meta
+                if self._attn_impl() == "flex_attention":
+                    attention_mask = build_block_mask(kind, doc, img, pe, image_uncond)
+                else:
+                    attention_mask = build_dense_mask(kind, doc, img, pe, image_uncond, dtype=embeds.dtype)
+        else:
+            bb_pos = position_ids
+            if any(t is not None for t in (document_ids, image_ids, patch_ids, prefix_end, clean_latents,
+                                           noisy_latents, target_latents)):
+                raise ValueError("image metadata/latents were given without token_kind")
+
+        out = self.backbone(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=bb_pos,
+            cache=cache, use_cache=use_cache, **kwargs,
+        )
+        hidden = out.last_hidden_state[:, :L]  # (B, L, D): drop appended null-context columns
+        is_text = token_kind == TokenKind.TEXT if multimodal else torch.ones_like(input_ids, dtype=torch.bool)
+
+        loss = None
+        if labels is not None:
+            valid = (labels[:, 1:] != -100) & is_text[:, :-1]  # (B, L-1): position i predicts labels[i+1]
+            if multimodal:
+                valid &= document_ids[:, 1:] == document_ids[:, :-1]
+            sel_logits = self._lm_head(hidden[:, :-1][valid]).float()  # (n, V)
+            loss = F.cross_entropy(sel_logits, labels[:, 1:][valid]) if sel_logits.shape[0] else hidden.sum() * 0
+
+        logits = None
+        if not isinstance(logits_to_keep, int) or logits_to_keep > 0:
+            logits = self._lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        elif not multimodal:
+            logits = self._lm_head(hidden)
+        elif labels is None:
+            text_logits = self._lm_head(hidden[is_text])  # (n, V)
+            logits = text_logits.new_zeros(B, L, text_logits.shape[-1]).index_put(is_text.nonzero(as_tuple=True),
+                                                                                 text_logits)
+
+        outputs = {}
+        if multimodal:
+            wanted = {TokenKind.IMAGE_NOISY: "image_outputs", TokenKind.IMAGE_TARGET: "target_outputs"}
+            if return_clean_outputs:
+                wanted[TokenKind.IMAGE_CLEAN] = "clean_outputs"
+            for kind, name in wanted.items():
+                if kind in conds:
+                    outputs[name] = self._image_outputs(hidden, token_kind, image_ids, patch_ids, kind, conds[kind])
+        return MMGenOutput(loss=loss, logits=logits, cache=out.cache,
+                           last_hidden_state=hidden, **outputs)
+
+    # ---- cached generation steps (DESIGN.md §6) --------------------------------------------------------
+    def _image_tokens_on_cache(self, cache, prefix, latents, t_in, s_in, image_position, cache_attention_mask):
+        """Run N image tokens over a prefix cache (`prefix` is what the attention layers update)."""
+        cfg = self.config
+        B, N = latents.shape[0], cfg.num_image_tokens
+        embeds, cond = self.image_in(latents, t_in, s_in)  # (B, N, D), (B, D)
+        embeds = embeds.to(self.get_input_embeddings().weight.dtype)
+        pos = torch.as_tensor(image_position, device=embeds.device, dtype=torch.long).reshape(-1, 1)
+        position_ids = pos.expand(B, N)  # every token of an image shares one RoPE position
+        mask = build_image_step_mask(
+            cache.get_seq_length(), N, prefix_attention_mask=cache_attention_mask, batch_size=B,
+            dtype=embeds.dtype, device=embeds.device,
+        )  # (B, 1, N, P + N)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                            cache=prefix, use_cache=True)
+        hidden = out.last_hidden_state  # (B, N, D)
+        G = self.image_head(hidden, cond[:, None, :].to(hidden.dtype).expand(B, N, -1))  # (B, N, C p^2)
+        return unpatchify(G, cfg.patch_size, cfg.latent_channels, cfg.patches_per_side)
+
+    def image_step(self, cache: Cache, x_in, t_in, s_in, *, image_position, cache_attention_mask=None):
+        """G for one noisy image per row on a cached prefix; the cache is read, never extended or mutated.
+
+        cache: `DynamicCache` of the prefix up to and including <|boi|> (B rows); x_in (B, C, h, w) =
+        c_in(t) x_t; t_in, s_in (B,) as CONTRACTS §1; image_position: int or (B,) = <|boi|> position + 1;
+        cache_attention_mask: (B, P) 1 = real token (left padding). The unconditional branch is the same
+        call on `null_context_cache(...)`. Every refinement step can reuse the same `cache`.
+        """
+        if cache is None or cache.get_seq_length() == 0:
+            raise ValueError("image_step needs a prefix cache holding at least <|boi|>")
+        return self._image_tokens_on_cache(cache, FrozenPrefixCache(cache), x_in, t_in, s_in,
+                                           image_position, cache_attention_mask)
+
+    def append_clean_image(self, cache: Cache, latents, *, image_position, cache_attention_mask=None):
+        """Run a finished image as a clean copy (latents / sigma_data, times 0) and append its N tokens to
+        `cache` (in place; also returned). Then decode <|eoi|> at position image_position + 1."""
+        zeros = torch.zeros(latents.shape[0], device=latents.device)
+        self._image_tokens_on_cache(cache, cache, latents / self.config.sigma_data, zeros, zeros,
+                                    image_position, cache_attention_mask)
+        return cache
+
+    def null_context_cache(self, batch_size: int, boi_position: int | torch.Tensor = 0) -> DynamicCache:
+        """The unconditional branch's context: a cache holding only <|boi|>, run on its own (the same null
+        context the training forward gives unconditional copies). Pass image_position = boi_position + 1."""
+        device = self.get_input_embeddings().weight.device
+        ids = torch.full((batch_size, 1), self.config.boi_token_id, dtype=torch.long, device=device)
+        pos = torch.as_tensor(boi_position, device=device, dtype=torch.long).reshape(-1, 1).expand(batch_size, 1)
+        cache = DynamicCache(config=self.config.text_config)
+        self.backbone(input_ids=ids, position_ids=pos, cache=cache, use_cache=True)
+        return cache
+
+    # ---- construction from a pretrained LM -------------------------------------------------------------
+    @classmethod
+    def from_pretrained_text_model(cls, name_or_path: str, *, dtype=None, attn_implementation=None,
+                                   **config_kwargs) -> "MMGenForConditionalGeneration":
+        """Initialise the backbone from any pretrained causal LM; everything else is new.
+
+        The LM's vocabulary is kept; the special tokens of CONTRACTS §4 (<|boi|> ... <|end|>, 6 reserved,
+        and <|pad|> when the LM has no pad token) are appended after it, in `SPECIAL_TOKENS` order, as
+        new embedding rows (mean-resized, transformers `resize_token_embeddings`), and their ids written
+        to the config. bos/eos stay the LM's. `config_kwargs` set the other MMGenConfig fields.
+        """
+        lm_kwargs = {"dtype": dtype} if dtype is not None else {}
+        if attn_implementation is not None:
+            lm_kwargs["attn_implementation"] = attn_implementation
+        lm = AutoModelForCausalLM.from_pretrained(name_or_path, **lm_kwargs)
+        text = lm.config
+        old_vocab = lm.get_input_embeddings().weight.shape[0]
+        ids = {field: old_vocab + i for i, (field, _) in enumerate(SPECIAL_TOKENS)}
+        new_vocab = old_vocab + len(SPECIAL_TOKENS) + NUM_RESERVED_TOKENS
+        pad = text.pad_token_id
+        if pad is None:
+            pad, new_vocab = new_vocab, new_vocab + 1
+        lm.resize_token_embeddings(new_vocab, mean_resizing=True)
+        eos = text.eos_token_id[0] if isinstance(text.eos_token_id, list) else text.eos_token_id
+        bos = text.bos_token_id if text.bos_token_id is not None else eos
+        text.pad_token_id = pad
+        config = MMGenConfig(text_config=text, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+                             **ids, **config_kwargs)
+        model = cls(config)
+        model.language_model = lm  # the pretrained weights, module names unchanged
+        model.config.text_config = lm.config
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    # ---- accounting (nanoGPT `estimate_mfu`, Chinchilla 6N) ------------------------------------------
+    def estimate_flops(self, num_tokens: int, seq_len: int, *, training: bool = True) -> float:
+        """FLOPs of one step over `num_tokens` tokens in rows of `seq_len` (nanoGPT `estimate_mfu`).
+
+        6 N per token (2 forward + 4 backward) for the N parameters each token multiplies by: all but
+        the VAE and the input embedding table; plus 12 * layers * hidden * seq_len per token for the
+        attention scores and values (dense, as nanoGPT counts it). Forward only: a third of that.
+        """
+        text = self.config.text_config
+        emb = self.get_input_embeddings().weight
+        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("vae."))
+        if self.get_output_embeddings().weight is not emb:
+            n -= emb.numel()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        attn = 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
+        flops = (6 * n + attn) * num_tokens
+        return flops if training else flops / 3
+
+
+__all__ = ["MMGenForConditionalGeneration", "MMGenPreTrainedModel", "MMGenOutput"]
+
+
+# Registration: `import mmgen` makes AutoConfig / AutoModel / AutoModelForCausalLM resolve "mmgen".
+AutoConfig.register("mmgen", MMGenConfig, exist_ok=True)
+AutoModel.register(MMGenConfig, MMGenForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(MMGenConfig, MMGenForConditionalGeneration, exist_ok=True)

@@ -123,8 +123,9 @@ def write_shards(
     counts: dict[str, int] = {}
     images = 0
     pattern = os.path.join(out, f"{split}-%06d.tar")
-    # mtime fixed so the same documents give byte-identical shards.
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0.0) as writer:
+    # mtime fixed (an int: a float mtime costs an extra pax header per member) so the same
+    # documents give byte-identical shards.
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0) as writer:
         for sample in tqdm(samples, total=total, unit="doc", desc=f"writing {split} shards", file=sys.stderr):
             writer.write(sample)
             name = os.path.basename(writer.fname)

@@ -62,7 +62,6 @@ import json
 import math
 import os
 import random
-import tarfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -125,32 +124,42 @@ def expand_shards(urls: str | Iterable[str]) -> list[str]:
 
 
 def tar_end_problem(url: str) -> str | None:
-    """Why a local .tar did not end cleanly, or None (also None for remote or compressed shards).
+    """Why a local .tar does not end cleanly, or None (also None for remote or compressed shards).
 
     Python's streaming tar reader (the one webdataset uses) stops silently at a truncated file or
-    at garbage after the first member, so a cut shard would lose its tail unnoticed. A header-only
-    scan in random-access mode finds where the last readable member ends; what follows must be the
-    end-of-archive zero blocks."""
+    at garbage after the first member, so a cut shard would lose its tail unnoticed. This walks the
+    512-byte headers (checksum + size, seeking over the data) up to the end-of-archive zero block."""
     parsed = urlparse(url)
     path = parsed.path if parsed.scheme in ("", "file") else None
     if path is None or not path.endswith(".tar") or not os.path.isfile(path):
         return None
-    try:
-        with tarfile.open(path, "r:") as archive:  # headers only: data is seeked over
-            for _ in archive:
-                pass
-            end = archive.offset
-    except (tarfile.TarError, OSError) as exn:
-        return f"truncated or corrupt tar ({exn}); samples after the damage are lost"
+    block = 512
     with open(path, "rb") as f:
-        f.seek(end)
-        tail = f.read(1 << 16)
-    if len(tail) < 512 or tail.count(0) != len(tail):
-        return (
-            f"tar has no end-of-archive marker after byte {end} (truncated, or garbage in a member "
-            "header); samples after that point are lost"
-        )
-    return None
+        file_size, offset = os.fstat(f.fileno()).st_size, 0
+        while True:  # walk the headers: ~us each, where tarfile's parser costs ~40 us
+            f.seek(offset)
+            header = f.read(block)
+            if len(header) < block:
+                return f"tar ends inside a member at byte {offset} (truncated); samples after it are lost"
+            if header.count(0) == block:
+                return None  # end-of-archive marker
+            try:
+                stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+                size_field = header[124:136]
+                if size_field[0] & 0x80:  # GNU base-256 size
+                    size = int.from_bytes(size_field[1:], "big")
+                else:
+                    size = int(size_field.strip(b"\0 ") or b"0", 8)
+            except ValueError:
+                stored = size = -1
+            computed = sum(header[:148]) + 8 * 32 + sum(header[156:])  # checksum field counted as spaces
+            if stored != computed or size < 0:
+                return (
+                    f"corrupt tar header at byte {offset} (garbage or truncated); samples after it are lost"
+                )
+            offset += block + -(-size // block) * block
+            if offset > file_size:
+                return "tar member runs past the end of the file (truncated); samples after it are lost"
 
 
 def collate_documents(batch: list[dict]) -> list[dict]:
@@ -257,7 +266,15 @@ class WebDocuments(torch.utils.data.IterableDataset):
     # -------------------------------------------------------------------------- iteration
 
     def _count(self, row: int, name: str) -> None:
-        self._counters[row, COUNTERS.index(name)] += 1
+        # A numpy view of the shared tensor: ~0.1 us per add where tensor indexing costs ~50 us.
+        if getattr(self, "_counts_view", None) is None:
+            self._counts_view = self._counters.numpy()
+        self._counts_view[row, COUNTERS.index(name)] += 1
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_counts_view"] = None  # rebuilt in the worker, on the shared tensor it receives
+        return state
 
     def _read_shard(self, url: str, start: int, row: int) -> Iterator[tuple[int, dict]]:
         """(tar samples consumed so far in this shard, document) for the good samples after `start`."""
@@ -266,6 +283,8 @@ class WebDocuments(torch.utils.data.IterableDataset):
 
         def on_tar_error(exn: Exception) -> bool:
             nonlocal failed
+            if failed:  # webdataset reports one damage at member and at shard level: count it once
+                return True
             failed = True
             self._count(row, "tar_errors")
             warnings.warn(

@@ -219,6 +219,10 @@ class MMGenConfig(PretrainedConfig):
                 f"MMGenConfig.objective_params has unknown key(s) {unknown} for objective "
                 f"{self.objective!r}; valid keys: {sorted(known - {'sigma_data'})}"
             )
+        try:
+            cls(sigma_data=self.sigma_data, **self.objective_params)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"MMGenConfig.objective_params: {err}") from err
 
     def _check_token_ids(self) -> None:
         vocab_size = getattr(self.text_config, "vocab_size", None)

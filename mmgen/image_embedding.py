@@ -81,10 +81,12 @@ class ImageInputEmbedding(nn.Module):
     def __init__(self, patch_size: int, channels: int, side: int, hidden_size: int, freq_dim: int):
         super().__init__()
         self.patch_size = patch_size
+        self.side = side
         self.proj = nn.Linear(channels * patch_size**2, hidden_size)
         self.t_embed = TimeEmbedding(freq_dim, hidden_size)
         self.s_embed = TimeEmbedding(freq_dim, hidden_size)
-        # Fixed, not learned; not saved (it is a function of the config).
+        # Fixed, not learned; not saved (a function of the config). MMGenPreTrainedModel._init_weights
+        # recomputes it after from_pretrained's meta-device construction.
         self.register_buffer("pos_embed", sincos_2d(side, hidden_size), persistent=False)
 
     def condition(self, t_in: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:

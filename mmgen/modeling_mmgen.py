@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import initialization as init
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import slice_logits_to_keep
@@ -32,7 +33,7 @@ from transformers.utils import ModelOutput
 
 from mmgen.cache_view import FrozenPrefixCache
 from mmgen.configuration_mmgen import NUM_RESERVED_TOKENS, SPECIAL_TOKENS, MMGenConfig
-from mmgen.image_embedding import ImageInputEmbedding, build_image_head, unpatchify
+from mmgen.image_embedding import ImageInputEmbedding, build_image_head, sincos_2d, unpatchify
 from mmgen.masks import TokenKind, build_block_mask, build_dense_mask, build_image_step_mask
 
 _IMAGE_KINDS = (TokenKind.IMAGE_CLEAN, TokenKind.IMAGE_NOISY, TokenKind.IMAGE_TARGET)
@@ -57,6 +58,12 @@ def _build_vae(config: MMGenConfig):
     """The frozen VAE submodule (mmgen/vae.py), built from config; saved and loaded with the model."""
     from mmgen.vae import MMGenVAE
 
+    # from_pretrained builds the model under `torch.device("meta")`; MMGenVAE validates its latent
+    # stats with data-dependent checks, which meta tensors cannot do. The VAE is small: build it on
+    # the CPU; the checkpoint's weights are loaded into it afterwards.
+    if torch.empty(0).device.type == "meta":
+        with torch.device("cpu"):
+            return _build_vae(config)
     return MMGenVAE.from_config(config.vae_config, latent_mean=config.latent_mean,
                                 latent_std=config.latent_std, sigma_data=config.sigma_data)
 
@@ -74,6 +81,8 @@ class MMGenPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # The VAE keeps diffusers' own init (or its loaded weights); see MMGenForConditionalGeneration.__init__.
         super()._init_weights(module)
+        if isinstance(module, ImageInputEmbedding):  # non-persistent buffer: not in the checkpoint
+            init.copy_(module.pos_embed, sincos_2d(module.side, module.pos_embed.shape[-1]))
 
 
 class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
@@ -90,6 +99,13 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         for module in self.vae.modules():  # keep diffusers' init: post_init must not re-initialise the VAE
             module._is_hf_initialized = True
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model.vae.requires_grad_(False)  # loading swaps in fresh Parameters (requires_grad=True)
+        return loaded
 
     # ---- plumbing -----------------------------------------------------------------------------------
     @property

@@ -57,6 +57,7 @@ def test_judge_rejects_wrong_colour():
 def test_judge_rejects_wrong_shape():
     wrong = Scene((ShapeObject("triangle", "red", "medium", 0.25, 0.5),) + GOOD.objects[1:])
     v = score_t2i(render(wrong, 64), TWO)
+    assert sorted(o["shape"] for o in v["judgement"]["objects"]) == ["square", "triangle"]
     assert not v["counts"] and v["colours"] and not v["shapes"] and not v["overall"]
 
 

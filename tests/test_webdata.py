@@ -225,7 +225,8 @@ def test_resume_reads_every_remaining_sample_exactly_once(tmp_path, k):
     assert head + rest == full  # same topology: even the order is the uninterrupted one
 
 
-def test_resume_across_a_change_of_worker_count(tmp_path):
+@pytest.mark.parametrize("resumed_workers", [0, 2])
+def test_resume_from_dataloader_workers(tmp_path, resumed_workers):
     urls = write_docs(tmp_path, num_shards=5, per_shard=6)
     reader = WebDocuments(urls, shuffle=True, seed=1, epochs=1)
     loader = torch.utils.data.DataLoader(reader, batch_size=4, num_workers=2, collate_fn=collate_documents)
@@ -236,7 +237,13 @@ def test_resume_across_a_change_of_worker_count(tmp_path):
     state = json.loads(json.dumps(reader.state_dict()))
     resumed = WebDocuments(urls, shuffle=True, seed=1, epochs=1)
     resumed.load_state_dict(state)
-    rest = keys(read_all(resumed))  # now num_workers=0
+    if resumed_workers == 0:  # a different topology
+        rest = keys(read_all(resumed))
+    else:
+        loader = torch.utils.data.DataLoader(
+            resumed, batch_size=4, num_workers=2, collate_fn=collate_documents
+        )
+        rest = [key for docs in loader for key in keys(docs)]
     assert Counter(head + rest) == Counter({f"s{s}k{j}": 1 for s in range(5) for j in range(6)})
 
 
@@ -261,6 +268,14 @@ def test_resampled_stream_is_infinite_deterministic_and_resumable(tmp_path):
 
 
 # ------------------------------------------------------------------------------- node/worker split
+
+
+def test_infinite_stream_of_a_worker_without_shards_ends_with_a_warning(tmp_path, monkeypatch):
+    urls = write_docs(tmp_path, num_shards=1, per_shard=2)
+    monkeypatch.setenv("WORKER", "1")  # worker 1 of 2: the only shard goes to worker 0
+    monkeypatch.setenv("NUM_WORKERS", "2")
+    with pytest.warns(DataWarning, match="gave no document"):
+        assert list(WebDocuments(urls, epochs=None)) == []
 
 
 @pytest.mark.parametrize("world,num_workers", [(1, 2), (2, 1), (2, 3)])

@@ -3,7 +3,7 @@
     reader = WebDocuments("shards/train-*.tar", resolution=32, shuffle=True, seed=0, epochs=None)
     loader = DataLoader(reader, batch_size=16, num_workers=2, collate_fn=collate_documents)
     for docs in loader:
-        reader.observe(docs)              # main process: positions + counters of what was consumed
+        reader.observe(docs)              # main process: the positions of what was consumed
         ...train...; log(reader.stats)    # {"samples": ..., "documents": ..., "bad_image": ..., ...}
         save({"data": reader.state_dict()})
     # after a restart: reader.load_state_dict(saved["data"]) before building the DataLoader
@@ -33,7 +33,7 @@ shared memory, one row per local DataLoader worker (row 0 without workers), crea
 and inherited by the worker processes (fork or spawn). Each worker adds to its own row as it reads,
 so `reader.stats` (a dict, `ReaderStats` fields + "skipped") in the main process is live, includes
 bad data a worker met after its last good sample, and accumulates over iterations. Counts are per
-process group (node); sum across ranks yourself if you log globally.
+training process (rank); sum across ranks yourself if you log globally.
 
 Positions across workers: through the samples. Every document carries `doc["meta"]["_wds"]` =
 {shard, key, worker, topology, position}; the main process calls `reader.observe(doc_or_docs)` on
@@ -45,10 +45,11 @@ Resume guarantee. `state_dict()` describes exactly the observed samples: for eac
 shards finished and, for shards in progress, how many tar samples were consumed. A reader given
 that state via `load_state_dict` reads every remaining sample of the stream exactly once: nothing
 observed is repeated and nothing unobserved is skipped, whatever the new number of nodes/workers
-(the order of the rest may differ when the topology changes). Two documented exceptions: samples a
-worker yielded but the trainer never observed (DataLoader prefetch) are, correctly, read again;
-in resampled mode positions are per worker, so a restart with a different number of workers starts
-a fresh epoch (sampling with replacement has no "skipped" samples to lose). State is JSON.
+(with the same topology the order is also the uninterrupted one; after a change it may differ).
+This is stronger than "within one shard". Samples a worker produced but the trainer never observed
+(DataLoader prefetch) count as unread and come again after the restart. In resampled mode positions
+are per worker, so a restart with a different number of workers starts a fresh epoch (sampling with
+replacement has no "skipped" samples to lose). The state is JSON-serialisable.
 One iteration per loaded state: iterating again starts again from the loaded state; to continue
 instead, call `reader.load_state_dict(reader.state_dict())` first.
 """
@@ -442,7 +443,10 @@ def bench(
     )
     start = time.perf_counter()
     documents = images = 0
+    first_batch_s = None
     for docs in loader:
+        if first_batch_s is None:  # worker start-up and the first shard open
+            first_batch_s = time.perf_counter() - start
         reader.observe(docs)
         documents += len(docs)
         images += sum("image" in s for d in docs for s in d["segments"])
@@ -454,6 +458,7 @@ def bench(
         "documents": documents,
         "images": images,
         "seconds": round(seconds, 3),
+        "first_batch_s": round(first_batch_s or 0.0, 3),
         "documents_per_s": round(documents / seconds, 1),
         "images_per_s": round(images / seconds, 1),
         "skipped": reader.stats["skipped"] + reader.stats["tar_errors"],

@@ -17,9 +17,16 @@ from mmgen.data.judge import (
 )
 from mmgen.data.shapes import Scene, ShapeObject, object_relations, render, sample_scene
 
-TWO = {"objects": [{"colour": "red", "shape": "circle", "count": 1}, {"colour": "blue", "shape": "square", "count": 1}],
-       "relations": [{"a": 0, "relation": "left of", "b": 1}]}
-GOOD = Scene((ShapeObject("circle", "red", "medium", 0.25, 0.5), ShapeObject("square", "blue", "medium", 0.75, 0.5)))
+TWO = {
+    "objects": [
+        {"colour": "red", "shape": "circle", "count": 1},
+        {"colour": "blue", "shape": "square", "count": 1},
+    ],
+    "relations": [{"a": 0, "relation": "left of", "b": 1}],
+}
+GOOD = Scene(
+    (ShapeObject("circle", "red", "medium", 0.25, 0.5), ShapeObject("square", "blue", "medium", 0.75, 0.5))
+)
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -33,11 +40,21 @@ def test_judge_recovers_2000_ground_truth_scenes_exactly(resolution):
         j = judge_image(render(scene, resolution))
         ok = j.valid and j.off_palette_share == 0.0 and scenes_match(j.scene, scene, tol=1.0 / resolution)
         if ok:  # relations of the decoded objects = relations of the true ones
-            decoded = [min(j.objects, key=lambda d: abs(d.centroid[0] - o.centroid[0]) + abs(d.centroid[1] - o.centroid[1]))
-                       for o in scene.objects]
+            decoded = [
+                min(
+                    j.objects,
+                    key=lambda d: abs(d.centroid[0] - o.centroid[0]) + abs(d.centroid[1] - o.centroid[1]),
+                )
+                for o in scene.objects
+            ]
             n = len(scene.objects)
-            ok = all(relations_between(decoded[a], decoded[b]) == object_relations(scene.objects[a], scene.objects[b])
-                     for a in range(n) for b in range(n) if a != b)
+            ok = all(
+                relations_between(decoded[a], decoded[b])
+                == object_relations(scene.objects[a], scene.objects[b])
+                for a in range(n)
+                for b in range(n)
+                if a != b
+            )
         if not ok:
             failures.append((i, scene, j.to_dict()))
     assert not failures, failures[:3]
@@ -45,7 +62,9 @@ def test_judge_recovers_2000_ground_truth_scenes_exactly(resolution):
 
 def test_correct_render_passes_every_verdict():
     v = score_t2i(render(GOOD), TWO)
-    assert all(v[k] for k in ("counts", "colours", "shapes", "positions", "nothing_extra", "valid", "overall"))
+    assert all(
+        v[k] for k in ("counts", "colours", "shapes", "positions", "nothing_extra", "valid", "overall")
+    )
 
 
 def test_judge_rejects_wrong_colour():
@@ -68,7 +87,12 @@ def test_judge_rejects_extra_object():
 
 
 def test_judge_rejects_swapped_positions():
-    swapped = Scene((ShapeObject("circle", "red", "medium", 0.75, 0.5), ShapeObject("square", "blue", "medium", 0.25, 0.5)))
+    swapped = Scene(
+        (
+            ShapeObject("circle", "red", "medium", 0.75, 0.5),
+            ShapeObject("square", "blue", "medium", 0.25, 0.5),
+        )
+    )
     v = score_t2i(render(swapped), TWO)
     assert v["counts"] and v["nothing_extra"] and not v["positions"] and not v["overall"]
 
@@ -80,14 +104,19 @@ def test_judge_counts_same_colour_objects_separately():
     assert not score_t2i(render(Scene(three.objects[:2])), spec)["counts"]
 
 
-@pytest.mark.parametrize("a_xy,b_xy,relations", [
-    ((0.2, 0.5), (0.8, 0.5), {"left of"}),
-    ((0.5, 0.2), (0.5, 0.8), {"above"}),
-    ((0.2, 0.2), (0.8, 0.8), {"left of", "above"}),
-    ((0.8, 0.75), (0.6, 0.2), {"below"}),  # steep: horizontal shift too small after the shrink
-])
+@pytest.mark.parametrize(
+    "a_xy,b_xy,relations",
+    [
+        ((0.2, 0.5), (0.8, 0.5), {"left of"}),
+        ((0.5, 0.2), (0.5, 0.8), {"above"}),
+        ((0.2, 0.2), (0.8, 0.8), {"left of", "above"}),
+        ((0.8, 0.75), (0.6, 0.2), {"below"}),  # steep: horizontal shift too small after the shrink
+    ],
+)
 def test_judged_positions_agree_with_hand_made_cases(a_xy, b_xy, relations):
-    scene = Scene((ShapeObject("square", "white", "small", *a_xy), ShapeObject("circle", "cyan", "small", *b_xy)))
+    scene = Scene(
+        (ShapeObject("square", "white", "small", *a_xy), ShapeObject("circle", "cyan", "small", *b_xy))
+    )
     j = judge_image(render(scene, 64))
     a = next(o for o in j.objects if o.colour == "white")
     b = next(o for o in j.objects if o.colour == "cyan")
@@ -102,7 +131,9 @@ def test_off_palette_and_noise_make_an_image_invalid():
     speck = np.asarray(render(GOOD)).copy()
     speck[2, 2] = speck[29, 29] = (255, 255, 255)
     j = judge_image(speck)
-    assert len(j.objects) == 2 and j.noise_share == pytest.approx(2 / 1024) and j.valid  # specks are not objects
+    assert (
+        len(j.objects) == 2 and j.noise_share == pytest.approx(2 / 1024) and j.valid
+    )  # specks are not objects
     noisy = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     assert not judge_image(noisy).valid
 

@@ -29,7 +29,9 @@ ROLE = re.compile(r"<\|(user|assistant|end)\|>")
 def _utterances(doc):
     """Text between role tokens, in order (user and assistant utterances)."""
     text = "".join(s.get("text", "\x00") for s in doc["segments"])
-    return [u.strip("\x00") for u in ROLE.split(text) if u.strip("\x00") and u not in ("user", "assistant", "end")]
+    return [
+        u.strip("\x00") for u in ROLE.split(text) if u.strip("\x00") and u not in ("user", "assistant", "end")
+    ]
 
 
 def test_scene_round_trips_through_json():
@@ -61,7 +63,7 @@ def test_scenes_are_well_formed_with_gaps_and_no_borderline_relations():
         counts.add(len(scene.objects))
         assert scene_is_well_formed(scene)
         for i, a in enumerate(scene.objects):
-            for b in scene.objects[i + 1:]:
+            for b in scene.objects[i + 1 :]:
                 ax0, ay0, ax1, ay1 = a.box
                 bx0, by0, bx1, by1 = b.box
                 assert max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1) >= MIN_GAP - 1e-9
@@ -70,7 +72,12 @@ def test_scenes_are_well_formed_with_gaps_and_no_borderline_relations():
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_render_is_an_exact_blend_of_one_palette_colour_per_pixel(resolution):
-    scene = Scene((ShapeObject("triangle", "orange", "large", 0.3, 0.3), ShapeObject("circle", "purple", "small", 0.75, 0.7)))
+    scene = Scene(
+        (
+            ShapeObject("triangle", "orange", "large", 0.3, 0.3),
+            ShapeObject("circle", "purple", "small", 0.75, 0.7),
+        )
+    )
     img = render(scene, resolution)
     assert img.mode == "RGB" and img.size == (resolution, resolution)
     px = np.asarray(img).astype(float)
@@ -100,17 +107,33 @@ def test_position_rule_on_hand_made_cases():
 
 def test_parse_text_round_trips_every_template():
     rng = random.Random(0)
-    spec2 = {"objects": [{"colour": "orange", "shape": "circle", "count": 1},
-                         {"colour": "blue", "shape": "square", "count": 1}],
-             "relations": [{"a": 0, "relation": "below", "b": 1}]}
-    spec3 = {"objects": [{"colour": "red", "shape": "triangle", "count": 3},
-                         {"colour": "white", "shape": "circle", "count": 1}], "relations": []}
+    spec2 = {
+        "objects": [
+            {"colour": "orange", "shape": "circle", "count": 1},
+            {"colour": "blue", "shape": "square", "count": 1},
+        ],
+        "relations": [{"a": 0, "relation": "below", "b": 1}],
+    }
+    spec3 = {
+        "objects": [
+            {"colour": "red", "shape": "triangle", "count": 3},
+            {"colour": "white", "shape": "circle", "count": 1},
+        ],
+        "relations": [],
+    }
     questions = {
-        "count_all": {"kind": "count_all"}, "count_colour": {"kind": "count_colour", "colour": "cyan"},
-        "count_shape": {"kind": "count_shape", "shape": "triangle"}, "colour": {"kind": "colour", "shape": "square"},
-        "shape": {"kind": "shape", "colour": "yellow"}, "exist": {"kind": "exist", "colour": "orange", "shape": "square"},
-        "relation": {"kind": "relation", "a": {"colour": "red", "shape": "circle"}, "relation": "left of",
-                     "b": {"colour": "green", "shape": "square"}},
+        "count_all": {"kind": "count_all"},
+        "count_colour": {"kind": "count_colour", "colour": "cyan"},
+        "count_shape": {"kind": "count_shape", "shape": "triangle"},
+        "colour": {"kind": "colour", "shape": "square"},
+        "shape": {"kind": "shape", "colour": "yellow"},
+        "exist": {"kind": "exist", "colour": "orange", "shape": "square"},
+        "relation": {
+            "kind": "relation",
+            "a": {"colour": "red", "shape": "circle"},
+            "relation": "left of",
+            "b": {"colour": "green", "shape": "square"},
+        },
     }
     for kind in G.TRAIN_TEMPLATES:
         all_templates = G.TRAIN_TEMPLATES[kind] + G.HELDOUT_TEMPLATES[kind]
@@ -124,11 +147,19 @@ def test_parse_text_round_trips_every_template():
                 cases.append((template, {"kind": "describe"}))
             elif kind == "add":
                 for rel in (None, "left of", "right of", "above", "below"):
-                    meaning = {"kind": "add", "object": {"colour": "orange", "shape": "circle"}, "relation": rel}
+                    meaning = {
+                        "kind": "add",
+                        "object": {"colour": "orange", "shape": "circle"},
+                        "relation": rel,
+                    }
                     cases.append((G.realise_add("orange", "circle", rel, template, rng), meaning))
             else:
-                cases.append((G.realise_question(questions[kind], template, rng),
-                              {"kind": "question", "question": questions[kind]}))
+                cases.append(
+                    (
+                        G.realise_question(questions[kind], template, rng),
+                        {"kind": "question", "question": questions[kind]},
+                    )
+                )
             for text, meaning in cases:
                 assert G.parse_text(text) == {**meaning, "template": index, "heldout": heldout}, text
     for answer in ["yes", "no", 0, 1, 2, 3, 4, *G.COLOURS, *G.SHAPES]:
@@ -142,22 +173,36 @@ def test_every_relation_paraphrase_parses():
             assert parsed["spec"]["relations"] == [{"a": 0, "relation": rel, "b": 1}]
 
 
-@pytest.mark.parametrize("text", ["Two red circle.", "A pink circle.", "Draw a red.", "hello", "",
-                                  "A red circle and.", "Five red circles.", "Is there two red circles?"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Two red circle.",
+        "A pink circle.",
+        "Draw a red.",
+        "hello",
+        "",
+        "A red circle and.",
+        "Five red circles.",
+        "Is there two red circles?",
+    ],
+)
 def test_parse_text_rejects_what_the_grammar_cannot_say(text):
     assert G.parse_text(text) is None
 
 
 def test_parse_text_ignores_case_spacing_and_role_tokens():
     assert G.parse_text("<|assistant|>  there ARE two  green squares.<|end|>")["spec"]["objects"] == [
-        {"colour": "green", "shape": "square", "count": 2}]
+        {"colour": "green", "shape": "square", "count": 2}
+    ]
 
 
 def test_documents_follow_the_contract_and_are_deterministic():
     docs = list(iter_documents(60, seed=5, resolution=64))
     again = list(iter_documents(60, seed=5, resolution=64))
     assert [d["meta"] for d in docs] == [d["meta"] for d in again]
-    assert [d["meta"] for d in iter_documents(10, seed=5, start=50, resolution=64)] == [d["meta"] for d in docs[50:]]
+    assert [d["meta"] for d in iter_documents(10, seed=5, start=50, resolution=64)] == [
+        d["meta"] for d in docs[50:]
+    ]
     assert make_document(7, seed=5, resolution=64)["meta"] == docs[7]["meta"]
     assert {d["meta"]["task"] for d in docs} == {"t2i", "caption", "vqa", "multiturn"}
     for d in docs:
@@ -167,7 +212,9 @@ def test_documents_follow_the_contract_and_are_deterministic():
         assert len(images) == len(d["meta"]["scenes"])
         for im, sc in zip(images, d["meta"]["scenes"]):
             assert np.array_equal(np.asarray(im), np.asarray(render(Scene.from_dict(sc), 64)))
-        assert d["segments"][0]["text"].startswith("<|user|>") and d["segments"][-1]["text"].endswith("<|end|>")
+        assert d["segments"][0]["text"].startswith("<|user|>") and d["segments"][-1]["text"].endswith(
+            "<|end|>"
+        )
         assert all(set(s) in ({"text"}, {"image"}) for s in d["segments"])
 
 
@@ -226,8 +273,11 @@ def test_grammar_corpus_covers_every_template_and_word():
     assert lines == grammar_corpus(2000, seed=0) and len(lines) == 2000
     parsed = [G.parse_text(line) for line in lines]
     assert all(p is not None for p in parsed)
-    used = {(p["kind"] if p["kind"] != "question" else p["question"]["kind"], p["template"])
-            for p in parsed if "template" in p}
+    used = {
+        (p["kind"] if p["kind"] != "question" else p["question"]["kind"], p["template"])
+        for p in parsed
+        if "template" in p
+    }
     for kind in G.TRAIN_TEMPLATES:
         for i in range(len(G.TRAIN_TEMPLATES[kind]) + len(G.HELDOUT_TEMPLATES[kind])):
             assert (kind, i) in used, (kind, i)

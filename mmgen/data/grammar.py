@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 
-from mmgen.data.shapes import COLOURS, RELATIONS, SHAPES
+from mmgen.data.shapes import COLOURS, SHAPES
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 REL_PHRASES = {  # "A <phrase> B": A stands in the relation to B
@@ -43,12 +43,26 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "describe": ("Describe the image.", "What is in the image?", "What do you see?"),
     "add": ("Now add {np}{rel_it}.", "Add {np}{rel_it}.", "Next, add {np}{rel_it}."),
     "count_all": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes."),
-    "count_colour": ("How many {colour} shapes are there?", "How many {colour} objects are in the image?",
-                     "Count the {colour} shapes."),
-    "count_shape": ("How many {shapes} are there?", "How many {shapes} are in the image?", "Count the {shapes}."),
-    "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?", "Which colour does the {shape} have?"),
-    "shape": ("What shape is the {colour} object?", "What is the shape of the {colour} object?",
-              "Which shape is {colour}?"),
+    "count_colour": (
+        "How many {colour} shapes are there?",
+        "How many {colour} objects are in the image?",
+        "Count the {colour} shapes.",
+    ),
+    "count_shape": (
+        "How many {shapes} are there?",
+        "How many {shapes} are in the image?",
+        "Count the {shapes}.",
+    ),
+    "colour": (
+        "What colour is the {shape}?",
+        "What is the colour of the {shape}?",
+        "Which colour does the {shape} have?",
+    ),
+    "shape": (
+        "What shape is the {colour} object?",
+        "What is the shape of the {colour} object?",
+        "Which shape is {colour}?",
+    ),
     "relation": ("Is the {obj_a} {rel} the {obj_b}?", "Is the {obj_a} located {rel} the {obj_b}?"),
     "exist": ("Is there {np}?", "Does the image contain {np}?", "Can you see {np}?"),
 }
@@ -66,8 +80,12 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "exist": ("Is {np} in the picture?",),
 }
 # Answers have ONE realisation each (exact targets); the parser also accepts the variants.
-ANSWER_TEMPLATES = {"yesno": ("{Yesno}.",), "number": ("{Number}.",), "colour": ("{Colour}.",),
-                    "shape": ("A {shape}.", "{Shape}.")}
+ANSWER_TEMPLATES = {
+    "yesno": ("{Yesno}.",),
+    "number": ("{Number}.",),
+    "colour": ("{Colour}.",),
+    "shape": ("A {shape}.", "{Shape}."),
+}
 QUESTION_KINDS = ("count_all", "count_colour", "count_shape", "colour", "shape", "relation", "exist")
 
 
@@ -114,10 +132,12 @@ def _capitalise(text: str) -> str:
 
 def fill(template: str, **slots: str) -> str:
     """Fill `{slot}` / `{Slot}` (capitalised value) placeholders; sentence-initial capital."""
+
     def sub(m: re.Match) -> str:
         name = m.group(1)
         value = slots[name.lower()]
         return _capitalise(value) if name[0].isupper() else value
+
     return _capitalise(re.sub(r"\{(\w+)\}", sub, template))
 
 
@@ -151,7 +171,7 @@ def realise_question(question: dict, template: str, rng: random.Random) -> str:
 
 def realise_answer(answer) -> str:
     if isinstance(answer, bool):
-        raise ValueError("answers use 'yes'/'no', not booleans")
+        raise TypeError("answers use 'yes'/'no', not booleans")
     if isinstance(answer, int):
         return fill(ANSWER_TEMPLATES["number"][0], number=NUMBER_WORDS[answer])
     if answer in ("yes", "no"):
@@ -202,9 +222,9 @@ def _compile(template: str) -> re.Pattern:
 
 
 _PATTERNS: list[tuple[str, int, bool, re.Pattern]] = []  # (kind, index, heldout, regex)
-for _kind in TRAIN_TEMPLATES:
-    for _i, _t in enumerate(TRAIN_TEMPLATES[_kind] + HELDOUT_TEMPLATES[_kind]):
-        _PATTERNS.append((_kind, _i, _i >= len(TRAIN_TEMPLATES[_kind]), _compile(_t)))
+for _kind, _train in TRAIN_TEMPLATES.items():
+    for _i, _t in enumerate(_train + HELDOUT_TEMPLATES[_kind]):
+        _PATTERNS.append((_kind, _i, _i >= len(_train), _compile(_t)))
 for _kind, _ts in ANSWER_TEMPLATES.items():
     for _i, _t in enumerate(_ts):
         _PATTERNS.append(("answer_" + _kind, _i, False, _compile(_t)))
@@ -273,7 +293,12 @@ def parse_text(text: str) -> dict | None:
         if kind == "add":
             obj = _parse_np(g["np"])
             rel = _REL_IT_OF[g["rel_it"].strip()] if g["rel_it"] else None
-            return {"kind": "add", "object": {"colour": obj["colour"], "shape": obj["shape"]}, "relation": rel, **info}
+            return {
+                "kind": "add",
+                "object": {"colour": obj["colour"], "shape": obj["shape"]},
+                "relation": rel,
+                **info,
+            }
         q: dict = {"kind": kind}
         if g.get("colour"):
             q["colour"] = g["colour"]
@@ -287,7 +312,11 @@ def parse_text(text: str) -> dict | None:
         if kind == "relation":
             ca, sa = g["obj_a"].split()
             cb, sb = g["obj_b"].split()
-            q = {"kind": "relation", "a": {"colour": ca, "shape": sa}, "relation": _REL_OF[g["rel"]],
-                 "b": {"colour": cb, "shape": sb}}
+            q = {
+                "kind": "relation",
+                "a": {"colour": ca, "shape": sa},
+                "relation": _REL_OF[g["rel"]],
+                "b": {"colour": cb, "shape": sb},
+            }
         return {"kind": "question", "question": q, **info}
     return None

@@ -37,8 +37,19 @@ _P = np.asarray(list(PALETTE.values()), dtype=np.float32) / 255.0  # (K, 3)
 _PP = (_P * _P).sum(1)  # (K,)
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
-__all__ = ["DetectedObject", "Judgement", "judge_image", "score_t2i", "check_spec", "score_caption",
-           "score_answer", "scenes_match", "relations_between", "parse_text", "connected_components"]
+__all__ = [
+    "DetectedObject",
+    "Judgement",
+    "check_spec",
+    "connected_components",
+    "judge_image",
+    "parse_text",
+    "relations_between",
+    "scenes_match",
+    "score_answer",
+    "score_caption",
+    "score_t2i",
+]
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,15 @@ class DetectedObject:
         return ShapeObject(self.shape, self.colour, self.size, self.centroid[0], self.centroid[1] - dy)
 
     def to_dict(self) -> dict:
-        return {"colour": self.colour, "shape": self.shape, "size": self.size, "centroid": list(self.centroid),
-                "side": self.side, "pixels": self.pixels, "iou": self.iou}
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "size": self.size,
+            "centroid": list(self.centroid),
+            "side": self.side,
+            "pixels": self.pixels,
+            "iou": self.iou,
+        }
 
 
 @dataclass
@@ -72,8 +90,13 @@ class Judgement:
         self.scene = Scene(tuple(o.to_shape_object() for o in self.objects))
 
     def to_dict(self) -> dict:
-        return {"objects": [o.to_dict() for o in self.objects], "off_palette_share": self.off_palette_share,
-                "noise_share": self.noise_share, "valid": self.valid, "scene": self.scene.to_dict()}
+        return {
+            "objects": [o.to_dict() for o in self.objects],
+            "off_palette_share": self.off_palette_share,
+            "noise_share": self.noise_share,
+            "valid": self.valid,
+            "scene": self.scene.to_dict(),
+        }
 
 
 def _as_rgb(image, resolution: int | None) -> np.ndarray:
@@ -86,7 +109,9 @@ def _as_rgb(image, resolution: int | None) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] != arr.shape[1]:
         raise ValueError(f"judge expects a square RGB image (H, W, 3), got shape {arr.shape}")
     if resolution is not None and arr.shape[0] != resolution:
-        raise ValueError(f"image is {arr.shape[0]}px but resolution={resolution} (pass a PIL image to resize)")
+        raise ValueError(
+            f"image is {arr.shape[0]}px but resolution={resolution} (pass a PIL image to resize)"
+        )
     return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
 
 
@@ -111,13 +136,13 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
     n = H * W
     fg = labels >= 0
     padded = np.pad(labels, 1, constant_values=-1)
-    same = [fg & (padded[1 + dy:1 + dy + H, 1 + dx:1 + dx + W] == labels) for dy, dx in _OFFSETS]
+    same = [fg & (padded[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W] == labels) for dy, dx in _OFFSETS]
     comp = np.where(fg, np.arange(n).reshape(H, W), n)
     while True:
         cp = np.pad(comp, 1, constant_values=n)
         best = comp
         for (dy, dx), m in zip(_OFFSETS, same):
-            best = np.minimum(best, np.where(m, cp[1 + dy:1 + dy + H, 1 + dx:1 + dx + W], n))
+            best = np.minimum(best, np.where(m, cp[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W], n))
         ext = np.append(best.ravel(), n)
         for _ in range(3):  # pointer jumping: each label is a pixel of the same component
             best = ext[best]
@@ -172,8 +197,11 @@ def judge_image(image, resolution: int | None = None, min_pixels: int | None = N
         soft = np.where(keep, alpha[win][..., colour], 0.0)
         shape, iou, side, (cx, cy) = _classify(soft, x0, y0, res)
         size = min(SIZES, key=lambda s: abs(SIZES[s] - side / res))
-        objects.append(DetectedObject(_COLOUR_NAMES[colour], shape, size, (cx / res, cy / res), side / res,
-                                      int(sizes[root]), iou))
+        objects.append(
+            DetectedObject(
+                _COLOUR_NAMES[colour], shape, size, (cx / res, cy / res), side / res, int(sizes[root]), iou
+            )
+        )
     objects.sort(key=lambda o: (o.centroid[1], o.centroid[0]))
     off = float((label == -2).mean())
     noise_share = noise / n
@@ -210,8 +238,13 @@ def check_spec(spec: dict, objects) -> dict[str, bool]:
         b = [o for o in objects if (o.colour, o.shape) == (gb["colour"], gb["shape"])]
         positions &= len(a) == 1 and len(b) == 1 and r["relation"] in relations_between(a[0], b[0])
     nothing_extra = len(objects) == sum(g["count"] for g in groups)
-    return {"counts": counts, "colours": colours, "shapes": shapes, "positions": positions,
-            "nothing_extra": nothing_extra}
+    return {
+        "counts": counts,
+        "colours": colours,
+        "shapes": shapes,
+        "positions": positions,
+        "nothing_extra": nothing_extra,
+    }
 
 
 def score_t2i(image, prompt_meta: dict, resolution: int | None = None) -> dict:
@@ -222,8 +255,12 @@ def score_t2i(image, prompt_meta: dict, resolution: int | None = None) -> dict:
     v = check_spec(prompt_meta, j.objects)
     v["valid"] = j.valid
     v["overall"] = v["counts"] and v["positions"] and v["nothing_extra"] and j.valid
-    return {**v, "num_objects": len(j.objects), "off_palette_share": j.off_palette_share,
-            "judgement": j.to_dict()}
+    return {
+        **v,
+        "num_objects": len(j.objects),
+        "off_palette_share": j.off_palette_share,
+        "judgement": j.to_dict(),
+    }
 
 
 def score_caption(text: str, scene: Scene | dict) -> dict:
@@ -249,8 +286,16 @@ def scenes_match(decoded: Scene, truth: Scene, tol: float) -> bool:
         return False
     left = list(decoded.objects)
     for t in truth.objects:
-        hit = next((d for d in left if (d.colour, d.shape, d.size) == (t.colour, t.shape, t.size)
-                    and abs(d.cx - t.cx) <= tol and abs(d.cy - t.cy) <= tol), None)
+        hit = next(
+            (
+                d
+                for d in left
+                if (d.colour, d.shape, d.size) == (t.colour, t.shape, t.size)
+                and abs(d.cx - t.cx) <= tol
+                and abs(d.cy - t.cy) <= tol
+            ),
+            None,
+        )
         if hit is None:
             return False
         left.remove(hit)
@@ -278,8 +323,10 @@ def _benchmark(argv=None) -> None:
     judged = [judge_image(im) for im in images]
     seconds = time.perf_counter() - start
     exact = sum(j.valid and scenes_match(j.scene, s, 1.0 / args.resolution) for j, s in zip(judged, scenes))
-    print(f"resolution {args.resolution}: exact scenes {exact}/{args.num} ({exact / args.num:.2%}), "
-          f"{args.num / seconds:.0f} images/s (judge only, 1 process)")
+    print(
+        f"resolution {args.resolution}: exact scenes {exact}/{args.num} ({exact / args.num:.2%}), "
+        f"{args.num / seconds:.0f} images/s (judge only, 1 process)"
+    )
 
 
 if __name__ == "__main__":

@@ -124,7 +124,10 @@ class Scene:
         return cls(tuple(ShapeObject.from_dict(o) for o in d["objects"]))
 
     def count(self, colour: str | None = None, shape: str | None = None) -> int:
-        return sum((colour is None or o.colour == colour) and (shape is None or o.shape == shape) for o in self.objects)
+        return sum(
+            (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
+            for o in self.objects
+        )
 
 
 # --------------------------------------------------------------------------- geometry
@@ -209,8 +212,16 @@ def _random_position(rng: random.Random, size: str) -> tuple[float, float]:
     return rng.randint(lo, hi) / GRID, rng.randint(lo, hi) / GRID
 
 
-def place_object(rng: random.Random, scene: Scene, colour: str, shape: str, size: str | None = None,
-                 relation: str | None = None, ref: int | None = None, tries: int = 200) -> Scene | None:
+def place_object(
+    rng: random.Random,
+    scene: Scene,
+    colour: str,
+    shape: str,
+    size: str | None = None,
+    relation: str | None = None,
+    ref: int | None = None,
+    tries: int = 200,
+) -> Scene | None:
     """Scene plus one new object at a random free position; with `relation`, the new object
     must stand in that relation to `scene.objects[ref]`. None when no position was found."""
     for _ in range(tries):
@@ -230,8 +241,12 @@ def place_object(rng: random.Random, scene: Scene, colour: str, shape: str, size
     return None
 
 
-def sample_scene(rng: random.Random, num_objects: int | None = None, split: str = "train",
-                 combos: list[tuple[str, str]] | None = None) -> Scene:
+def sample_scene(
+    rng: random.Random,
+    num_objects: int | None = None,
+    split: str = "train",
+    combos: list[tuple[str, str]] | None = None,
+) -> Scene:
     """A random well-formed scene. `num_objects` in 1..4 (random if None). Split "train" and
     "heldout_templates" use only train combos; "heldout_combos"/"heldout" scenes contain at
     least one held-out combo. `combos` fixes the objects' (colour, shape) explicitly."""
@@ -262,8 +277,9 @@ def sample_scene(rng: random.Random, num_objects: int | None = None, split: str 
 # --------------------------------------------------------------------------- rendering
 
 
-def shape_coverage(shape: str, cx: float, cy: float, side: float, width: int, height: int,
-                   supersample: int = SUPERSAMPLE) -> np.ndarray:
+def shape_coverage(
+    shape: str, cx: float, cy: float, side: float, width: int, height: int, supersample: int = SUPERSAMPLE
+) -> np.ndarray:
     """Anti-aliased coverage in [0, 1], (height, width) float32, of a shape whose box centre
     is (cx, cy) and side `side`, all in pixels of the (width x height) canvas."""
     ss = supersample
@@ -290,7 +306,14 @@ def render(scene: Scene, resolution: int = 32, supersample: int = SUPERSAMPLE) -
         raise ValueError(f"resolution must be >= 8 (32 and 64 are the judged ones), got {resolution}")
     rgb = np.zeros((resolution, resolution, 3), dtype=np.float32)
     for o in scene.objects:
-        cov = shape_coverage(o.shape, o.cx * resolution, o.cy * resolution, o.side * resolution,
-                             resolution, resolution, supersample)
+        cov = shape_coverage(
+            o.shape,
+            o.cx * resolution,
+            o.cy * resolution,
+            o.side * resolution,
+            resolution,
+            resolution,
+            supersample,
+        )
         rgb += cov[..., None] * np.asarray(PALETTE[o.colour], dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")

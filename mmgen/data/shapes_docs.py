@@ -22,8 +22,8 @@ from mmgen.data import grammar as G
 from mmgen.data.shapes import (
     HELDOUT_COMBOS,
     RELATIONS,
-    TRAIN_COMBOS,
     SPLITS,
+    TRAIN_COMBOS,
     Scene,
     combos_for,
     object_relations,
@@ -56,7 +56,10 @@ def scene_spec(scene: Scene, rng: random.Random, p_relation: float = 0.7) -> dic
         a, b = rng.sample([0, 1], 2)
         rels = sorted(object_relations(scene.objects[a], scene.objects[b]))
         if rels:  # groups in sentence order, so the text parses back to this very dict
-            spec = {"objects": [groups[a], groups[b]], "relations": [{"a": 0, "relation": rng.choice(rels), "b": 1}]}
+            spec = {
+                "objects": [groups[a], groups[b]],
+                "relations": [{"a": 0, "relation": rng.choice(rels), "b": 1}],
+            }
     return spec
 
 
@@ -108,7 +111,10 @@ def sample_question(scene: Scene, rng: random.Random, split: str) -> dict:
     if kind == "colour":
         return {"kind": kind, "shape": rng.choice([o.shape for o in objs if scene.count(shape=o.shape) == 1])}
     if kind == "shape":
-        return {"kind": kind, "colour": rng.choice([o.colour for o in objs if scene.count(colour=o.colour) == 1])}
+        return {
+            "kind": kind,
+            "colour": rng.choice([o.colour for o in objs if scene.count(colour=o.colour) == 1]),
+        }
     if kind == "exist":
         if rng.random() < 0.5:
             o = rng.choice(objs)
@@ -119,8 +125,12 @@ def sample_question(scene: Scene, rng: random.Random, split: str) -> dict:
     a, b = rng.sample(unique, 2)
     rels = sorted(object_relations(a, b))
     relation = rng.choice(rels) if rels and rng.random() < 0.5 else rng.choice(RELATIONS)
-    return {"kind": "relation", "a": {"colour": a.colour, "shape": a.shape}, "relation": relation,
-            "b": {"colour": b.colour, "shape": b.shape}}
+    return {
+        "kind": "relation",
+        "a": {"colour": a.colour, "shape": a.shape},
+        "relation": relation,
+        "b": {"colour": b.colour, "shape": b.shape},
+    }
 
 
 def _question_text(question: dict, rng: random.Random, split: str) -> str:
@@ -186,9 +196,15 @@ def _multiturn(rng, split, res):
         if k > 0 and rng.random() < 0.3 or k == num_objects - 1:
             question = sample_question(scene, rng, split)
             answer = answer_question(question, scene)
-            segs.append({"text": f"{USER}{_question_text(question, rng, split)}{END}{ASSISTANT}"
-                                 f"{G.realise_answer(answer)}{END}"})
-            turns.append({"user": {"kind": "question", "question": question}, "image": None, "answer": answer})
+            segs.append(
+                {
+                    "text": f"{USER}{_question_text(question, rng, split)}{END}{ASSISTANT}"
+                    f"{G.realise_answer(answer)}{END}"
+                }
+            )
+            turns.append(
+                {"user": {"kind": "question", "question": question}, "image": None, "answer": answer}
+            )
     return segs, {"scenes": scenes, "turns": turns}
 
 
@@ -205,8 +221,9 @@ def _merge_text(segments: list[dict]) -> list[dict]:
     return out
 
 
-def make_document(index: int, *, seed: int, split: str = "train", resolution: int = 32,
-                  tasks: Sequence[str] | None = None) -> dict:
+def make_document(
+    index: int, *, seed: int, split: str = "train", resolution: int = 32, tasks: Sequence[str] | None = None
+) -> dict:
     """Document number `index` of the stream (seed, split): the same whatever else is drawn."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -221,8 +238,15 @@ def make_document(index: int, *, seed: int, split: str = "train", resolution: in
     return {"segments": _merge_text(segments), "meta": meta}
 
 
-def iter_documents(num_docs: int | None, *, seed: int, split: str = "train", resolution: int = 32,
-                   tasks: Sequence[str] | None = None, start: int = 0) -> Iterator[dict]:
+def iter_documents(
+    num_docs: int | None,
+    *,
+    seed: int,
+    split: str = "train",
+    resolution: int = 32,
+    tasks: Sequence[str] | None = None,
+    start: int = 0,
+) -> Iterator[dict]:
     """Documents start .. start+num_docs-1 of the deterministic stream (endless if num_docs is None)."""
     index = start
     while num_docs is None or index < start + num_docs:
@@ -260,14 +284,17 @@ def grammar_corpus(num_lines: int, seed: int = 0) -> list[str]:
         template = rng.choice(G.TRAIN_TEMPLATES[kind] + G.HELDOUT_TEMPLATES[kind])
         lines.append(_random_sentence(kind, template, rng))
         if rng.random() < 0.3:
-            lines.append(G.realise_answer(rng.choice(["yes", "no", rng.randint(0, 4), rng.choice(G.COLOURS),
-                                                      rng.choice(G.SHAPES)])))
+            lines.append(
+                G.realise_answer(
+                    rng.choice(["yes", "no", rng.randint(0, 4), rng.choice(G.COLOURS), rng.choice(G.SHAPES)])
+                )
+            )
     return lines
 
 
 def _random_sentence(kind: str, template: str, rng: random.Random) -> str:
     """A random grammatical sentence of `kind` (meanings drawn directly: no scene, no answer)."""
-    combo = lambda: rng.choice(TRAIN_COMBOS if rng.random() < 0.8 else tuple(sorted(HELDOUT_COMBOS)))  # noqa: E731
+    combo = lambda: rng.choice(TRAIN_COMBOS if rng.random() < 0.8 else tuple(sorted(HELDOUT_COMBOS)))
     if kind in ("caption", "t2i"):
         groups, total = [], rng.randint(1, 4)
         while total:
@@ -289,6 +316,10 @@ def _random_sentence(kind: str, template: str, rng: random.Random) -> str:
     q = {"kind": kind, "colour": colour, "shape": shape}
     if kind == "relation":
         c2, s2 = combo()
-        q = {"kind": kind, "a": {"colour": colour, "shape": shape}, "relation": rng.choice(RELATIONS),
-             "b": {"colour": c2, "shape": s2}}
+        q = {
+            "kind": kind,
+            "a": {"colour": colour, "shape": shape},
+            "relation": rng.choice(RELATIONS),
+            "b": {"colour": c2, "shape": s2},
+        }
     return G.realise_question(q, template, rng)

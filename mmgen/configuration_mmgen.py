@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -88,7 +88,7 @@ class MMGenConfig(PretrainedConfig):
     """
 
     model_type = "mmgen"
-    sub_configs_defaults = {
+    sub_configs_defaults: ClassVar[dict] = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=TINY_LLAMA_KWARGS),
     }
 
@@ -202,7 +202,7 @@ class MMGenConfig(PretrainedConfig):
 
     def _check_objective_params(self) -> None:
         if not isinstance(self.objective_params, dict):
-            raise ValueError(f"MMGenConfig.objective_params must be a dict, got {type(self.objective_params)}")
+            raise TypeError(f"MMGenConfig.objective_params must be a dict, got {type(self.objective_params)}")
         if "sigma_data" in self.objective_params:
             raise ValueError("MMGenConfig.objective_params must not set 'sigma_data': use MMGenConfig.sigma_data")
         try:  # the objectives package is written alongside; validate keys once it is there
@@ -239,4 +239,4 @@ class MMGenConfig(PretrainedConfig):
             seen.setdefault(value, field)
 
 
-__all__ = ["MMGenConfig", "TINY_LLAMA_KWARGS", "IMM_DEFAULTS", "SPECIAL_TOKENS", "NUM_RESERVED_TOKENS"]
+__all__ = ["IMM_DEFAULTS", "NUM_RESERVED_TOKENS", "SPECIAL_TOKENS", "TINY_LLAMA_KWARGS", "MMGenConfig"]

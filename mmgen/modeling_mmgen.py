@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import initialization as init
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
@@ -35,8 +35,6 @@ from mmgen.cache_view import FrozenPrefixCache
 from mmgen.configuration_mmgen import NUM_RESERVED_TOKENS, SPECIAL_TOKENS, MMGenConfig
 from mmgen.image_embedding import ImageInputEmbedding, build_image_head, sincos_2d, unpatchify
 from mmgen.masks import TokenKind, build_block_mask, build_dense_mask, build_image_step_mask
-
-_IMAGE_KINDS = (TokenKind.IMAGE_CLEAN, TokenKind.IMAGE_NOISY, TokenKind.IMAGE_TARGET)
 
 
 @dataclass
@@ -365,7 +363,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
     # ---- construction from a pretrained LM -------------------------------------------------------------
     @classmethod
     def from_pretrained_text_model(cls, name_or_path: str, *, dtype=None, attn_implementation=None,
-                                   **config_kwargs) -> "MMGenForConditionalGeneration":
+                                   **config_kwargs) -> MMGenForConditionalGeneration:
         """Initialise the backbone from any pretrained causal LM; everything else is new.
 
         The LM's vocabulary is kept; the special tokens of CONTRACTS §4 (<|boi|> ... <|end|>, 6 reserved,
@@ -416,7 +414,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         return flops if training else flops / 3
 
 
-__all__ = ["MMGenForConditionalGeneration", "MMGenPreTrainedModel", "MMGenOutput"]
+__all__ = ["MMGenForConditionalGeneration", "MMGenOutput", "MMGenPreTrainedModel"]
 
 
 # Registration: `import mmgen` makes AutoConfig / AutoModel / AutoModelForCausalLM resolve "mmgen".

@@ -34,7 +34,7 @@ def pack(rows, config: MMGenConfig, *, num_noisy_copies: int = 1, seed: int = 0,
     for r, docs in enumerate(rows):
         cols = {k: [] for k in KEYS}
 
-        def add(tok, pos, kind, doc, img=-1, pid=-1, pe=-1, label=-100):
+        def add(tok, pos, kind, doc, img=-1, pid=-1, pe=-1, label=-100, cols=cols):
             for k, v in zip(KEYS, (tok, pos, int(kind), doc, img, pid, pe, label)):
                 cols[k].append(v)
 

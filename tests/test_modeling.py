@@ -113,7 +113,7 @@ def test_image_step_on_cache_equals_full_forward_for_several_steps(model):
 def test_unconditional_image_step_on_null_cache_equals_training_forward(model):
     cfg = model.config
     batch, images = pack([[[("t", 5), ("i",)]]], cfg)
-    _, boi, image_position = images[0]
+    image_position = images[0][2]
     lat = latents_for(cfg, 1)
     full = model(**batch, **lat, image_uncond=torch.tensor([True])).image_outputs
     null = model.null_context_cache(1, boi_position=image_position - 1)

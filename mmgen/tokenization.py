@@ -83,7 +83,10 @@ NAMED_EXTRA_TOKENS = {
     "end_token": END_TOKEN,
 }
 
-_NEVER_IN_TEXT = -1e9  # unigram score for pieces that text must never be segmented into (bytes, controls)
+# Unigram score for pieces text should never be segmented into (byte pieces, controls). SentencePiece excludes
+# them by type; `tokenizers` has no such notion, so a literal "<0x41>" whose characters are all out of the
+# vocabulary can still become the byte piece (unigram only; BPE never builds byte pieces from text).
+_NEVER_IN_TEXT = -1e9
 
 
 def _read_pieces(sp_model_file: str | os.PathLike):

@@ -148,7 +148,7 @@ def tokenize_document(document: dict, tokenizer, config: PackingConfig, where: s
         doc.cuts.append((len(doc.input_ids), len(doc.images)))
     if config.add_eos:
         add(EOS_ID, TokenKind.TEXT, pos)
-        doc.cuts[-1] = (len(doc.input_ids), len(doc.images))  # the end of the document includes </s>
+        doc.cuts.append((len(doc.input_ids), len(doc.images)))
     doc.labels = _labels(doc.input_ids, doc.token_kind, config.text_loss)
     return doc
 
@@ -315,13 +315,23 @@ class DocumentPacker:
                 row.counters[k] += counters[k]
             consumed = index + 1
         row.end_index = consumed
-        if row.docs:
-            yield row
+        if row.docs or any(row.counters.values()):
+            yield row  # a row without documents only carries counters (documents all skipped or dropped)
 
     def iter_batches(self, documents: Iterable[dict]) -> Iterator[dict]:
         """Batch dicts (see `build_batch`) with per-batch counters (ints, keys COUNTER_KEYS) added."""
         pending: list[_Row] = []
         for row in self.iter_rows(documents):
+            if not row.docs:  # the stream's last row, counters only
+                if pending:
+                    for k in COUNTER_KEYS:
+                        pending[-1].counters[k] += row.counters[k]
+                    pending[-1].end_index = row.end_index
+                else:
+                    for k in COUNTER_KEYS:
+                        self.stats[k] += row.counters[k]
+                    self.resume_index = row.end_index
+                continue
             pending.append(row)
             if len(pending) == self.batch_size:
                 yield self._deliver(pending)
@@ -342,12 +352,13 @@ def collate_documents(documents: list[dict], tokenizer, config: PackingConfig, n
     """Pack a finite list of documents into one batch: as many rows as needed, or exactly `num_rows` (extra
     rows are all padding). For a DataLoader: `collate_fn=functools.partial(collate_documents, tokenizer=...,
     config=...)`."""
-    rows = list(DocumentPacker(tokenizer, config, batch_size=1).iter_rows(documents))
+    all_rows = list(DocumentPacker(tokenizer, config, batch_size=1).iter_rows(documents))
+    rows = [r for r in all_rows if r.docs]
     if num_rows is not None:
         if len(rows) > num_rows:
             raise ValueError(f"collate_documents: the documents need {len(rows)} rows, num_rows={num_rows}")
         rows += [_Row() for _ in range(num_rows - len(rows))]
     batch = build_batch([r.docs for r in rows], config)
     for k in COUNTER_KEYS:
-        batch[k] = sum(r.counters[k] for r in rows)
+        batch[k] = sum(r.counters[k] for r in all_rows)
     return batch

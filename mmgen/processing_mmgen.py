@@ -37,12 +37,16 @@ _IMAGE_MARKER = re.compile(
 class MMGenProcessor(ProcessorMixin):
     def __init__(self, tokenizer=None, num_image_tokens: int = 64, image_size: int = 32, chat_template=None):
         if tokenizer is None:
-            raise ValueError("MMGenProcessor needs a tokenizer (e.g. mmgen.tokenization.load_tokenizer('tokenizers/shapes'))")
+            raise ValueError(
+                "MMGenProcessor needs a tokenizer (e.g. mmgen.tokenization.load_tokenizer('tokenizers/shapes'))"
+            )
         if chat_template is None:
             chat_template = tokenizer.chat_template or CHAT_TEMPLATE
         super().__init__(tokenizer, chat_template=chat_template)
         if int(num_image_tokens) < 1 or int(image_size) < 1:
-            raise ValueError(f"MMGenProcessor: num_image_tokens ({num_image_tokens}) and image_size ({image_size}) must be >= 1")
+            raise ValueError(
+                f"MMGenProcessor: num_image_tokens ({num_image_tokens}) and image_size ({image_size}) must be >= 1"
+            )
         self.num_image_tokens = int(num_image_tokens)  # N, saved in processor_config.json
         self.image_size = int(image_size)
 
@@ -77,16 +81,24 @@ class MMGenProcessor(ProcessorMixin):
             inputs = inputs["segments"]
         if isinstance(inputs, (list, tuple)) and len(inputs) == 1 and isinstance(inputs[0], str):
             inputs = inputs[0]
-        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(m, dict) and "role" in m for m in inputs):
+        if (
+            isinstance(inputs, (list, tuple))
+            and inputs
+            and all(isinstance(m, dict) and "role" in m for m in inputs)
+        ):
             embedded = [p.get("image") for m in inputs if not isinstance(m.get("content"), str)
                         for p in (m.get("content") or []) if p.get("type") == "image"]  # fmt: skip
             if any(im is not None for im in embedded):
                 if images:
                     raise ValueError("MMGenProcessor: images given both inside the messages and as `images`")
                 if any(im is None for im in embedded):
-                    raise ValueError("MMGenProcessor: some image parts of the messages carry an 'image', some do not")
+                    raise ValueError(
+                        "MMGenProcessor: some image parts of the messages carry an 'image', some do not"
+                    )
                 images = embedded
-            inputs = self.apply_chat_template(inputs, add_generation_prompt=add_generation_prompt, tokenize=False)
+            inputs = self.apply_chat_template(
+                inputs, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         if isinstance(inputs, str):
             return self._split_text(inputs, images)
         if isinstance(inputs, (list, tuple)) and all(isinstance(s, dict) for s in inputs):
@@ -110,7 +122,9 @@ class MMGenProcessor(ProcessorMixin):
             if match.start() > start:
                 segments.append({"text": text[start : match.start()]})
             if k >= len(images):
-                raise ValueError(f"MMGenProcessor: the text has more image markers than the {len(images)} images given")
+                raise ValueError(
+                    f"MMGenProcessor: the text has more image markers than the {len(images)} images given"
+                )
             segments.append({"image": images[k]})
             k += 1
             start = match.end()
@@ -137,7 +151,9 @@ class MMGenProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("MMGenProcessor: nothing to process (pass messages, segments or text)")
         if return_tensors not in ("pt", None):
-            raise ValueError(f"MMGenProcessor returns torch tensors only, got return_tensors={return_tensors!r}")
+            raise ValueError(
+                f"MMGenProcessor returns torch tensors only, got return_tensors={return_tensors!r}"
+            )
         segments = self.to_segments(text, images, add_generation_prompt=add_generation_prompt)
         bos = self.tokenizer.bos_token
         if segments and "text" in segments[0] and segments[0]["text"].startswith(bos):

@@ -189,7 +189,9 @@ def check_special_token_ids(tokenizer, where: str = "tokenizer") -> None:
     for token, want in SPECIAL_TOKEN_IDS.items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != want:
-            raise ValueError(f"{where}: special token {token!r} has id {got}, CONTRACTS.md §4 requires {want}")
+            raise ValueError(
+                f"{where}: special token {token!r} has id {got}, CONTRACTS.md §4 requires {want}"
+            )
         ids = tokenizer.encode(token, add_special_tokens=False)
         if ids != [want]:
             raise ValueError(f"{where}: {token!r} written in text encodes to {ids}, expected [{want}]")
@@ -200,7 +202,9 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     if not (Path(path) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (train one with tokenizers/train_sentencepiece.py)")
+        raise FileNotFoundError(
+            f"{path}: no tokenizer.json (train one with tokenizers/train_sentencepiece.py)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     check_special_token_ids(tokenizer, where=str(path))
     return tokenizer

@@ -1,5 +1,6 @@
 """Packing documents into rows (CONTRACTS.md §2 layout and metadata, §5 documents)."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,17 @@ from mmgen.data.packing import (
     tokenize_document,
 )
 from mmgen.masks import TokenKind
-from mmgen.tokenization import ASSISTANT_ID, BOI_ID, BOS_ID, END_ID, EOI_ID, EOS_ID, IMAGE_ID, PAD_ID, load_tokenizer
+from mmgen.tokenization import (
+    ASSISTANT_ID,
+    BOI_ID,
+    BOS_ID,
+    END_ID,
+    EOI_ID,
+    EOS_ID,
+    IMAGE_ID,
+    PAD_ID,
+    load_tokenizer,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "tokenizers" / "shapes"
 
@@ -31,7 +42,13 @@ def red(size=8):
 
 
 def chat_t2i(prompt="Draw a red circle.", size=8):
-    return {"segments": [{"text": f"<|user|>{prompt}<|end|><|assistant|>"}, {"image": red(size)}, {"text": "<|end|>"}]}
+    return {
+        "segments": [
+            {"text": f"<|user|>{prompt}<|end|><|assistant|>"},
+            {"image": red(size)},
+            {"text": "<|end|>"},
+        ]
+    }
 
 
 # ----------------------------------------------------------------------------- exact layouts
@@ -81,7 +98,9 @@ def test_assistant_only_text_loss_masks_the_user_turn(tok):
 
 def test_image_that_only_fits_without_its_noisy_copies_starts_a_new_row(tok):
     caption = {"segments": [{"text": "a red circle"}]}
-    n_caption = len(tokenize_document(caption, tok, PackingConfig(seq_len=1, num_image_tokens=1, image_size=8)))
+    n_caption = len(
+        tokenize_document(caption, tok, PackingConfig(seq_len=1, num_image_tokens=1, image_size=8))
+    )
     image_doc = {"segments": [{"image": red()}]}  # <s> <|boi|> N <|eoi|> </s>
     N = 6
     seq_len = n_caption + 4 + N + 3  # room for the clean copy but not for its noisy copy (N more)
@@ -117,7 +136,12 @@ def test_image_larger_than_a_row_drops_the_document_and_counts_it(tok):
 
 def test_malformed_documents_are_skipped_and_counted(tok):
     cfg = PackingConfig(seq_len=32, num_image_tokens=2, image_size=8)
-    bad = [{"segments": []}, {"segments": [{"text": 3}]}, {"text": "x"}, {"segments": [{"text": "<|image|>"}]}]
+    bad = [
+        {"segments": []},
+        {"segments": [{"text": 3}]},
+        {"text": "x"},
+        {"segments": [{"text": "<|image|>"}]},
+    ]
     batch = collate_documents([*bad, {"segments": [{"text": "ok"}]}], tok, cfg)
     assert batch["num_skipped_documents"] == 4 and batch["num_documents"] == 1
 
@@ -125,7 +149,9 @@ def test_malformed_documents_are_skipped_and_counted(tok):
 def test_document_error_names_the_segment(tok):
     cfg = PackingConfig(seq_len=32, num_image_tokens=2, image_size=8)
     with pytest.raises(ValueError, match=r"doc7: segments\[1\]"):
-        tokenize_document({"segments": [{"text": "a"}, {"image": "x.png", "text": "b"}]}, tok, cfg, where="doc7")
+        tokenize_document(
+            {"segments": [{"text": "a"}, {"image": "x.png", "text": "b"}]}, tok, cfg, where="doc7"
+        )
     with pytest.raises(TypeError, match=r"segments\[0\]"):
         tokenize_document({"segments": [{"image": "x.png"}]}, tok, cfg)
 
@@ -158,7 +184,20 @@ def test_resume_continues_with_identical_batches(tok):
 
 # ----------------------------------------------------------------------------- properties
 
-WORDS = ["a", "red", "blue", "circle", "square", "left of", "Two.", "<|user|>", "<|assistant|>", "<|end|>", " ", "é"]
+WORDS = [
+    "a",
+    "red",
+    "blue",
+    "circle",
+    "square",
+    "left of",
+    "Two.",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    " ",
+    "é",
+]
 
 
 @st.composite
@@ -166,7 +205,9 @@ def documents(draw):
     segments = []
     for _ in range(draw(st.integers(1, 5))):
         if draw(st.booleans()):
-            segments.append({"text": "".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=12)))})
+            segments.append(
+                {"text": "".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=12)))}
+            )
         else:
             colour = draw(st.tuples(*[st.integers(0, 255)] * 3))
             segments.append({"image": Image.new("RGB", (draw(st.sampled_from([4, 6, 9])),) * 2, colour)})
@@ -186,12 +227,15 @@ def _check_batch(batch, cfg):
                                                   "image_ids", "patch_ids", "prefix_end", "labels")}  # fmt: skip
         kind, doc, img = row["token_kind"], row["document_ids"], row["image_ids"]
         # Row layout: documents, then noisy copies, then padding.
-        order = [0 if k in (TokenKind.TEXT, TokenKind.IMAGE_CLEAN) else 1 if k != TokenKind.PAD else 2 for k in kind]
+        order = [
+            0 if k in (TokenKind.TEXT, TokenKind.IMAGE_CLEAN) else 1 if k != TokenKind.PAD else 2
+            for k in kind
+        ]
         assert order == sorted(order)
         n_doc_tokens = order.count(0)
         # Document ids: 0, 1, ... contiguous over the document tokens; -1 exactly on padding.
         docs = doc[:n_doc_tokens]
-        assert docs[0] == 0 and all(0 <= b2 - a2 <= 1 for a2, b2 in zip(docs, docs[1:]))
+        assert docs[0] == 0 and all(0 <= b2 - a2 <= 1 for a2, b2 in itertools.pairwise(docs))
         assert all((d == -1) == (k == TokenKind.PAD) for d, k in zip(doc, kind))
         # Positions restart per document; images: <|boi|> p, every image token p + 1, <|eoi|> p + 2.
         j = 0
@@ -212,7 +256,11 @@ def _check_batch(batch, cfg):
                 copies = [i for i in range(n_doc_tokens, L) if img[i] == image_id]
                 assert len(copies) == C * N
                 for i in copies:
-                    assert row["position_ids"][i] == expect + 1 and row["prefix_end"][i] == j and doc[i] == doc[j]
+                    assert (
+                        row["position_ids"][i] == expect + 1
+                        and row["prefix_end"][i] == j
+                        and doc[i] == doc[j]
+                    )
                 assert sorted(kind[i] for i in copies) == [TokenKind.IMAGE_NOISY] * (N if C else 0) + [
                     TokenKind.IMAGE_TARGET
                 ] * (N if C == 2 else 0)

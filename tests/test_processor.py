@@ -68,9 +68,13 @@ def test_generation_prompt_ends_with_assistant(processor):
 
 def test_apply_chat_template_tokenized_equals_call(processor):
     image = solid((0, 255, 0))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Count."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Count."}]}
+    ]
     direct = processor(messages, add_generation_prompt=True)
-    via_template = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    via_template = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     assert torch.equal(via_template["input_ids"], direct["input_ids"])
     assert torch.equal(via_template["images"], direct["images"])
 

@@ -37,7 +37,9 @@ def sp():
 
 
 def train_cli(tmp_path, *args):
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], check=False, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     return tmp_path
 
@@ -77,7 +79,10 @@ def _shipped():  # hypothesis tests cannot take function-scoped fixtures; load o
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(max_size=60) | st.lists(st.sampled_from(["<|user|>", "<|boi|>", " red", "  ", "é", "\n", "x"])).map("".join))
+@given(
+    st.text(max_size=60)
+    | st.lists(st.sampled_from(["<|user|>", "<|boi|>", " red", "  ", "é", "\n", "x"])).map("".join)
+)
 def test_decode_inverts_encode_for_any_text(text):
     tok = _shipped()
     ids = tok.encode(text, add_special_tokens=False)
@@ -89,7 +94,23 @@ def test_byte_piece_names_written_in_text_stay_text(tok):
     assert tok.decode(ids) == "<0x41> A"
 
 
-ALPHABET = ["a", " red", " circle", "Draw", " ", "  ", ".", "?", "é", "中", "\t", "<|end|>", "<|user|>", "Z", "9"]
+ALPHABET = [
+    "a",
+    " red",
+    " circle",
+    "Draw",
+    " ",
+    "  ",
+    ".",
+    "?",
+    "é",
+    "中",
+    "\t",
+    "<|end|>",
+    "<|user|>",
+    "Z",
+    "9",
+]
 
 
 @settings(max_examples=60, deadline=None)
@@ -103,7 +124,10 @@ def test_shapes_grammar_text_needs_no_byte_fallback(tok):
     lines = (SHIPPED / "corpus.txt").read_text().splitlines()[:300]
     ids = [i for line in lines for i in tok.encode(line, add_special_tokens=False)]
     assert not [i for i in ids if 16 <= i < 16 + 256], "grammar text fell back to bytes"
-    assert tok.convert_ids_to_tokens(tok.encode(" red circle", add_special_tokens=False)) == ["▁red", "▁circle"]
+    assert tok.convert_ids_to_tokens(tok.encode(" red circle", add_special_tokens=False)) == [
+        "▁red",
+        "▁circle",
+    ]
 
 
 MESSAGES = [
@@ -137,7 +161,17 @@ def test_chat_template_rejects_unknown_roles(tok):
 
 def test_unigram_model_converts_exactly_and_round_trips(tmp_path):
     out = tmp_path / "uni"
-    train_cli(tmp_path, "--input", SHIPPED / "corpus.txt", "--vocab-size", 330, "--out", out, "--model-type", "unigram")
+    train_cli(
+        tmp_path,
+        "--input",
+        SHIPPED / "corpus.txt",
+        "--vocab-size",
+        330,
+        "--out",
+        out,
+        "--model-type",
+        "unigram",
+    )
     tok = AutoTokenizer.from_pretrained(str(out))
     sp = spm.SentencePieceProcessor(model_file=str(out / SENTENCEPIECE_FILE))
     for text in ["<|user|>Draw two blue squares.<|end|><|assistant|>", " a  b\tc é中 ", "How many?"]:
@@ -161,5 +195,5 @@ def test_converter_rejects_a_model_without_the_fixed_special_ids(tmp_path):
 
 def test_cli_names_a_missing_input_file(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300",
-                             "--out", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+                             "--out", str(tmp_path / "o")], check=False, capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0 and "nope.txt" in result.stderr

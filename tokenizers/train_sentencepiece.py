@@ -42,7 +42,7 @@ def train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str =
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"--model-type must be bpe or unigram, got {model_type!r}")
     writer = io.BytesIO()
-    options = dict(
+    options = dict(  # noqa: C408  (keyword form: these are SentencePiece's flag names)
         sentence_iterator=iter(sentences),  # not input=: the file path would be stored in the model
         model_writer=writer,
         model_type=model_type,
@@ -67,7 +67,9 @@ def train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str =
     try:
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as e:  # e.g. a unigram vocab larger than the corpus supports
-        raise ValueError(f"SentencePiece training (--vocab-size {vocab_size}, --model-type {model_type}) failed: {e}") from e
+        raise ValueError(
+            f"SentencePiece training (--vocab-size {vocab_size}, --model-type {model_type}) failed: {e}"
+        ) from e
     return writer.getvalue()
 
 
@@ -86,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     model = train_sentencepiece(read_sentences(args.input), args.vocab_size, args.model_type)
     (out / SENTENCEPIECE_FILE).write_bytes(model)
     write_transformers_tokenizer(out / SENTENCEPIECE_FILE, out, model_type=args.model_type)
-    train_args = {"vocab_size": args.vocab_size, "model_type": args.model_type, "inputs": [Path(f).name for f in args.input]}
+    train_args = {
+        "vocab_size": args.vocab_size,
+        "model_type": args.model_type,
+        "inputs": [Path(f).name for f in args.input],
+    }
     (out / "train_args.json").write_text(json.dumps(train_args, indent=2) + "\n")
-    print(f"wrote {out}: {SENTENCEPIECE_FILE}, tokenizer.json, tokenizer_config.json (vocab {args.vocab_size})")
+    print(
+        f"wrote {out}: {SENTENCEPIECE_FILE}, tokenizer.json, tokenizer_config.json (vocab {args.vocab_size})"
+    )
     return 0
 
 

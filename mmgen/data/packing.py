@@ -94,7 +94,7 @@ class TokenizedDocument:
 
 def _check_segments(document, where: str) -> list[dict]:
     if not isinstance(document, dict) or not isinstance(document.get("segments"), list):
-        raise ValueError(f"{where}: a document is a dict with a 'segments' list (CONTRACTS.md §5)")
+        raise TypeError(f"{where}: a document is a dict with a 'segments' list (CONTRACTS.md §5)")
     segments = document["segments"]
     if not segments:
         raise ValueError(f"{where}: 'segments' is empty")
@@ -102,11 +102,15 @@ def _check_segments(document, where: str) -> list[dict]:
         if not isinstance(seg, dict) or len(seg.keys() & {"text", "image"}) != 1:
             raise ValueError(f"{where}: segments[{i}] must have exactly one of 'text' or 'image'")
         if "text" in seg and not isinstance(seg["text"], str):
-            raise ValueError(f"{where}: segments[{i}]['text'] must be a str, got {type(seg['text']).__name__}")
+            raise ValueError(
+                f"{where}: segments[{i}]['text'] must be a str, got {type(seg['text']).__name__}"
+            )
     return segments
 
 
-def tokenize_document(document: dict, tokenizer, config: PackingConfig, where: str = "document") -> TokenizedDocument:
+def tokenize_document(
+    document: dict, tokenizer, config: PackingConfig, where: str = "document"
+) -> TokenizedDocument:
     """Segments -> tokens: text through the tokenizer (inline special tokens parsed), each image as
     <|boi|> N x <|image|> <|eoi|>. Raises ValueError naming `where` for malformed documents."""
     segments = _check_segments(document, where)
@@ -138,7 +142,9 @@ def tokenize_document(document: dict, tokenizer, config: PackingConfig, where: s
                 pos += 1
         else:
             k = len(doc.images)
-            doc.images.append(image_to_tensor(seg["image"], config.image_size, where=f"{where}: segments[{i}]"))
+            doc.images.append(
+                image_to_tensor(seg["image"], config.image_size, where=f"{where}: segments[{i}]")
+            )
             doc.boi_offsets.append(len(doc.input_ids))
             add(BOI_ID, TokenKind.TEXT, pos)
             for p in range(N):  # one shared position for the whole image (DESIGN.md §3)
@@ -157,7 +163,8 @@ def _labels(input_ids: list[int], token_kind: list[int], text_loss: str) -> list
     labels = []
     in_assistant = False
     for j, (t, kind) in enumerate(zip(input_ids, token_kind)):
-        learned = kind == TokenKind.TEXT and t != EOI_ID and j > 0  # j == 0: nothing in the document predicts it
+        # j == 0: nothing in the document predicts its first token.
+        learned = kind == TokenKind.TEXT and t != EOI_ID and j > 0
         if text_loss == "assistant":
             learned = learned and in_assistant
             if t == ASSISTANT_ID:
@@ -207,7 +214,9 @@ class _Row:
     counters: dict = field(default_factory=lambda: dict.fromkeys(COUNTER_KEYS, 0))
 
 
-def build_batch(rows: list[list[TokenizedDocument]], config: PackingConfig, seq_len: int | None = None) -> dict:
+def build_batch(
+    rows: list[list[TokenizedDocument]], config: PackingConfig, seq_len: int | None = None
+) -> dict:
     """Materialise rows of documents into the batch dict of CONTRACTS.md §2 (B = len(rows), L = seq_len)."""
     L = config.seq_len if seq_len is None else seq_len
     N, C = config.num_image_tokens, config.num_noisy_copies
@@ -267,7 +276,8 @@ class DocumentPacker:
     def __init__(self, tokenizer, config: PackingConfig, batch_size: int, drop_last: bool = False):
         if batch_size < 1:
             raise ValueError(f"DocumentPacker.batch_size must be >= 1, got {batch_size}")
-        self.tokenizer, self.config, self.batch_size, self.drop_last = tokenizer, config, batch_size, drop_last
+        self.tokenizer, self.config = tokenizer, config
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.stats = dict.fromkeys(COUNTER_KEYS, 0)  # totals over delivered batches
         self.resume_index = 0
 
@@ -348,7 +358,9 @@ class DocumentPacker:
         return batch
 
 
-def collate_documents(documents: list[dict], tokenizer, config: PackingConfig, num_rows: int | None = None) -> dict:
+def collate_documents(
+    documents: list[dict], tokenizer, config: PackingConfig, num_rows: int | None = None
+) -> dict:
     """Pack a finite list of documents into one batch: as many rows as needed, or exactly `num_rows` (extra
     rows are all padding). For a DataLoader: `collate_fn=functools.partial(collate_documents, tokenizer=...,
     config=...)`."""

@@ -53,7 +53,7 @@ PARTICLES = (1, 2, 4, 8)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Toy2DConfig:
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 256  # IMM items per step (a multiple of every M); flow matching gets 2x (see top)
     lr: float = 3e-3
     ema_decay: float = 0.99  # samples come from the EMA weights (both objectives)

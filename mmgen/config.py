@@ -11,9 +11,10 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -46,6 +47,7 @@ class DataSection:
     shards: str = "runs/data/shapes-train/{shard}"  # for source=shards: a brace pattern, glob or dir
     shapes_dir: str = "runs/data/shapes-train"  # built here by `make_shards` when source=shapes
     num_docs: int = 20000
+    samples_per_shard: int = 1000
     seq_len: int = 256
     batch_size: int = 16  # rows per process per micro-step
     num_workers: int = 0
@@ -129,9 +131,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):

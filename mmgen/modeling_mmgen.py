@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
@@ -87,7 +88,10 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
     def __init__(self, config: MMGenConfig):
         super().__init__(config)
         text = config.text_config
-        self.language_model = AutoModelForCausalLM.from_config(text)
+        # The causal-LM class of `text_config`, built directly rather than through `from_config`: under
+        # DeepSpeed ZeRO-3, `from_config` partitions the backbone at construction (zero.Init) and this
+        # model's own weight init would then index empty tensors. DeepSpeed partitions at prepare().
+        self.language_model = MODEL_FOR_CAUSAL_LM_MAPPING[type(text)](text)
         D = text.hidden_size
         self.image_in = ImageInputEmbedding(
             config.patch_size, config.latent_channels, config.patches_per_side, D, config.time_embed_dim
@@ -184,7 +188,9 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
             new_doc = int(doc[r].max()) + 1
             used[r] += 1
             kind[r, slot], doc[r, slot], position_ids[r, slot] = int(TokenKind.TEXT), new_doc, position_ids[r, boi]
-            embeds[r, slot] = self.get_input_embeddings()(input_ids[r, boi])
+            # <|boi|> is a text token, so its row of `embeds` is still its token embedding. (Not a second call
+            # of the embedding module: under ZeRO-3 every rank must run the same module calls.)
+            embeds[r, slot] = embeds[r, boi]
             copy = noisy[r] & (img[r, :L] == i)
             copy = torch.cat([copy, copy.new_zeros(K)])
             doc[r, copy], pe[r, copy] = new_doc, slot

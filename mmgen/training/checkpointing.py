@@ -2,7 +2,8 @@
 
 Layout: `RUN/checkpoints/step-00000250/` holds accelerate's state (model, optimizer, scheduler,
 RNG), `ema.safetensors`, `trainer_state.json` (step, data position, counters),
-`generators-rank{i}.safetensors` (each process's explicit torch.Generator states) and a `COMPLETE` marker. A
+`generators-rank{i}.safetensors` and `rank{i}_state.json` (each process's torch.Generator states
+and data-stream position) and a `COMPLETE` marker. A
 checkpoint is first written to a hidden temp dir and renamed into place by the main process
 only after every process has finished writing, so a run killed at any moment never leaves a
 directory that `find_latest` would pick up half-written (a rename within one file system is
@@ -51,6 +52,7 @@ def save_checkpoint(
     *,
     trainer_state: dict[str, Any],
     generators: dict[str, torch.Generator],
+    rank_state: dict[str, Any] | None = None,
     ema=None,
     keep_last: int = 2,
 ) -> Path:
@@ -65,6 +67,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     rank_file = tmp / f"generators-rank{accelerator.process_index}.safetensors"
     save_file({name: g.get_state() for name, g in generators.items()}, str(rank_file))
+    (tmp / f"rank{accelerator.process_index}_state.json").write_text(json.dumps(rank_state or {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
@@ -82,8 +85,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: str | Path, *, generators: dict[str, torch.Generator], ema=None) -> dict:
-    """Restore what `save_checkpoint` wrote; returns the trainer state (step, data position, …)."""
+def load_checkpoint(
+    accelerator, path: str | Path, *, generators: dict[str, torch.Generator], ema=None
+) -> tuple[dict, dict]:
+    """Restore what `save_checkpoint` wrote; returns (trainer state, this process's rank state)."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
@@ -98,7 +103,8 @@ def load_checkpoint(accelerator, path: str | Path, *, generators: dict[str, torc
         if name not in states:
             raise KeyError(f"{rank_file} has no state for generator {name!r}")
         g.set_state(states[name])
-    return json.loads((path / "trainer_state.json").read_text())
+    rank_state = json.loads((path / f"rank{accelerator.process_index}_state.json").read_text())
+    return json.loads((path / "trainer_state.json").read_text()), rank_state
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,8 +7,8 @@ Evaluation and export use the EMA weights; the IMM target branch uses the live w
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,7 +73,7 @@ class EMA:
         tensors = load_file(str(path))
         missing = set(self.shadow) - set(tensors)
         if missing:
-            raise ValueError(f"{path}: EMA file lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
+            raise ValueError(f"{path}: EMA file lacks {len(missing)} parameters, e.g. {min(missing)}")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         for name in self.shadow:

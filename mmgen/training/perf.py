@@ -7,6 +7,7 @@ PaLM/nanoGPT convention: MFU counts only the model's FLOPs, 6N per token plus at
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -58,6 +59,6 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16)
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float) -> float:
-    if seconds_per_step <= 0 or not peak_flops or peak_flops != peak_flops:
+    if seconds_per_step <= 0 or not peak_flops or math.isnan(peak_flops):
         return float("nan")
     return flops_per_step / seconds_per_step / peak_flops

@@ -1,0 +1,90 @@
+"""Build the tokenizer, VAE and model of a run from its `Config` (mmgen/config.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmgen.config import Config
+from mmgen.configuration_mmgen import MMGenConfig
+from mmgen.modeling_mmgen import MMGenForConditionalGeneration
+from mmgen.tokenization import load_tokenizer
+from mmgen.vae import MMGenVAE
+
+IMM_KEYS = ("num_particles", "k", "a", "b", "T", "eps", "delta", "parameterization", "time_input", "p_uncond")
+FM_KEYS = ("time_sampling", "time_input", "p_uncond")
+
+
+def load_run_vae(name_or_path: str, sigma_data: float) -> MMGenVAE:
+    """A stage-1 output dir (latent stats in its config) or a diffusers VAE on the Hub."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.vae={name_or_path}: no config.json there (is stage 1 finished?)")
+    return MMGenVAE.load_pretrained(name_or_path, sigma_data=sigma_data)
+
+
+def objective_params(cfg: Config) -> dict:
+    keys = IMM_KEYS if cfg.objective.name == "imm" else FM_KEYS
+    return {k: getattr(cfg.objective, k) for k in keys}
+
+
+def text_config(cfg: Config, vocab_size: int) -> dict:
+    m = cfg.model
+    kv = m.num_kv_heads or m.num_heads
+    return {
+        "model_type": m.backbone,
+        "vocab_size": vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size or 4 * m.hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": max(4096, cfg.data.seq_len),
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "tie_word_embeddings": False,
+    }
+
+
+def build_model(cfg: Config, tokenizer, vae: MMGenVAE) -> MMGenForConditionalGeneration:
+    m = cfg.model
+    common = {
+        "vae_config": vae.config_dict(),
+        "latent_mean": vae.latent_mean.tolist(),
+        "latent_std": vae.latent_std.tolist(),
+        "image_size": m.image_size,
+        "patch_size": m.patch_size,
+        "latent_channels": vae.latent_channels,
+        "image_head": m.image_head,
+        "objective": cfg.objective.name,
+        "objective_params": objective_params(cfg),
+        "sigma_data": cfg.objective.sigma_data,
+    }
+    if m.init_text_model:
+        model = MMGenForConditionalGeneration.from_pretrained_text_model(
+            m.init_text_model, attn_implementation=m.attn_implementation, **common
+        )
+    else:
+        config = MMGenConfig(text_config=text_config(cfg, len(tokenizer)),
+                             attn_implementation=m.attn_implementation, **common)
+        model = MMGenForConditionalGeneration(config)
+    model.vae.load_state_dict(vae.state_dict())
+    model.vae.requires_grad_(False)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def build_tokenizer(cfg: Config):
+    if cfg.model.init_text_model:
+        raise NotImplementedError(
+            "model.init_text_model: the packer and chat template still assume the shapes tokenizer's fixed "
+            "special-token ids (CONTRACTS.md §4); a pretrained LM's tokenizer needs them appended first"
+        )
+    return load_tokenizer(cfg.model.tokenizer)
+
+
+def trainable_parameters(model: torch.nn.Module):
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,99 @@
+"""The training stream of one process: shards -> documents -> packed batches, resumable exactly.
+
+Documents come from `WebDocuments` (split by node and DataLoader worker, bad samples skipped and
+counted) and are packed by `DocumentPacker` into rows of `seq_len` tokens with one student noisy
+copy per image at the row end (CONTRACTS.md §2).
+
+Exact resume: the packer holds an open row, so the reader's position is ahead of what the trainer
+has consumed. We remember each document's reader position (`meta["_wds"]`) in stream order and,
+at a checkpoint, hand the reader the position of the last document the packer has *delivered* in
+a batch. A resumed stream therefore re-reads exactly the undelivered documents and packs the same
+batches an uninterrupted run would (with the same number of nodes and workers; see the reader's
+guarantee in `mmgen/data/webdata.py`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mmgen.data.packing import COUNTER_KEYS, DocumentPacker, PackingConfig
+from mmgen.data.webdata import WebDocuments
+
+
+def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int, seed: int,
+                         samples_per_shard: int = 1000) -> Path:
+    """Write the shapes-world training shards once (skipped when the manifest exists)."""
+    from mmgen.data import make_shards
+
+    out = Path(out_dir)
+    if (out / "train-manifest.json").is_file():
+        return out
+    make_shards.main([
+        "--source", "shapes", "--num-docs", str(num_docs), "--out", str(out), "--split", "train",
+        "--seed", str(seed), "--resolution", str(resolution), "--samples-per-shard", str(samples_per_shard),
+    ])  # fmt: skip
+    return out
+
+
+class TrainStream:
+    """Batches for this process; `state_dict()` / `load_state_dict()` give exact resume."""
+
+    def __init__(self, urls, tokenizer, packing: PackingConfig, *, batch_size: int, seed: int,
+                 num_workers: int = 0):
+        self.reader = WebDocuments(urls, resolution=packing.image_size, shuffle=True, seed=seed, epochs=None)
+        self.packer = DocumentPacker(tokenizer, packing, batch_size=batch_size, drop_last=True)
+        self.num_workers = num_workers
+        self._positions: deque[dict] = deque()  # reader positions of documents not yet delivered (+ the last one)
+        self._first = 0  # stream index of self._positions[0]
+        self._batches: Iterator[dict] | None = None
+        self._shards: set = set()  # shards this process has read from (logged: ranks read disjoint shards)
+
+    @property
+    def shards_read(self) -> list:
+        return sorted(self._shards)
+
+    def _documents(self) -> Iterator[dict]:
+        source = self.reader
+        if self.num_workers > 0:
+            source = torch.utils.data.DataLoader(
+                self.reader, batch_size=None, num_workers=self.num_workers, persistent_workers=False
+            )
+        for doc in source:
+            info = doc["meta"]["_wds"]
+            self._positions.append(dict(info))
+            self._shards.add(info["shard"])
+            yield doc
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._batches is None:
+            self._batches = self.packer.iter_batches(self._documents())
+        batch = next(self._batches)
+        # keep only the positions from the last delivered document on
+        while self._first < self.packer.resume_index - 1:
+            self._positions.popleft()
+            self._first += 1
+        return batch
+
+    @property
+    def stats(self) -> dict:
+        """Reader counters (bad samples by kind) and packer counters (truncations, dropped images)."""
+        return {**self.reader.stats, **self.packer.stats}
+
+    def state_dict(self) -> dict:
+        delivered = self.packer.resume_index
+        if delivered > 0:
+            self.reader.observe({"meta": {"_wds": self._positions[delivered - 1 - self._first]}})
+        return {"reader": self.reader.state_dict(), "packer_stats": dict(self.packer.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._batches is not None:
+            raise RuntimeError("load_state_dict must be called before the first batch")
+        self.reader.load_state_dict(state["reader"])
+        self.packer.stats = {k: int(state["packer_stats"].get(k, 0)) for k in COUNTER_KEYS}

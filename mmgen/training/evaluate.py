@@ -1,0 +1,111 @@
+"""End-of-run evaluation with the exact shapes judge, and the periodic sample grid.
+
+Text->image: prompts from the shapes grammar on new seeds (test scenes, combinations seen in
+training) and on the held-out combinations, one image per prompt forced after the assistant tag,
+scored by `mmgen.data.judge.score_t2i` (overall = counts, positions, nothing extra, valid), at each
+step count. Image->text: greedy captions of fresh renders scored by `score_caption` (parsed through
+the grammar; unparseable = wrong). Every accuracy comes with a 95% Wilson interval.
+The full report (GenEval-style tasks, VQA, interleaving, ShapeFD) is eval/run.py's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from mmgen.data.judge import score_caption, score_t2i
+from mmgen.data.shapes import Scene, iter_documents, render
+
+TEST_SEED = 1_000_003  # scenes and seeds never used by the training shards (which use run.seed)
+_CHAT = re.compile(r"^<\|user\|>(?P<user>.*?)<\|end\|><\|assistant\|>$", re.DOTALL)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def accuracy(flags: list[bool]) -> dict:
+    k, n = sum(bool(f) for f in flags), len(flags)
+    lo, hi = wilson(k, n)
+    return {"accuracy": k / n if n else float("nan"), "n": n, "ci95": [lo, hi]}
+
+
+def t2i_prompts(split: str, num_groups: int, n: int, seed: int = TEST_SEED) -> list[tuple[str, dict]]:
+    """(user text, prompt spec) of t2i documents whose prompt names `num_groups` single objects."""
+    out = []
+    for doc in iter_documents(50 * n, seed=seed, split=split, tasks=["t2i"]):
+        spec = doc["meta"]["prompt"]
+        if len(spec["objects"]) == num_groups and all(o["count"] == 1 for o in spec["objects"]):
+            match = _CHAT.match(doc["segments"][0]["text"])
+            if match:
+                out.append((match["user"], spec))
+        if len(out) == n:
+            break
+    return out
+
+
+def caption_set(split: str, n: int, seed: int = TEST_SEED, resolution: int = 32) -> list[tuple]:
+    """(image, scene) pairs from caption documents of `split` on the test seed."""
+    out = []
+    for doc in iter_documents(n, seed=seed + 1, split=split, tasks=["caption"], resolution=resolution):
+        scene = Scene.from_dict(doc["meta"]["scenes"][0])
+        out.append((render(scene, resolution), scene))
+    return out
+
+
+def end_of_run_evaluation(model, processor, cfg) -> dict:
+    from mmgen.generation import caption_images, generate_images_for_prompts
+
+    n, res = cfg.eval.num_samples, cfg.model.image_size
+    results: dict = {"t2i": {}, "caption": {}, "num_samples": n, "test_seed": TEST_SEED,
+                     "guidance": cfg.eval.guidance}
+    for split in ("train", "heldout_combos"):
+        for groups, name in ((1, "single"), (2, "two")):
+            prompts = t2i_prompts(split, groups, n)
+            texts = [p for p, _ in prompts]
+            for steps in cfg.eval.num_steps:
+                images = generate_images_for_prompts(model, processor, texts, num_steps=steps,
+                                                     guidance=cfg.eval.guidance, seeds=list(range(len(texts))))
+                flags = [score_t2i(img, spec, res)["overall"] for img, (_, spec) in zip(images, prompts)]
+                results["t2i"][f"{split}/{name}@{steps}"] = accuracy(flags)
+        pairs = caption_set(split, n, resolution=res)
+        captions = caption_images(model, processor, [img for img, _ in pairs], question="Describe the image.")
+        flags = [score_caption(text, scene)["correct"] for text, (_, scene) in zip(captions, pairs)]
+        results["caption"][split] = {**accuracy(flags), "examples": captions[:5]}
+    results["summary"] = {key: round(v["accuracy"], 4) for key, v in results["t2i"].items()
+                          if key.startswith("train/")}
+    results["summary"].update({f"caption/{k}": round(v["accuracy"], 4) for k, v in results["caption"].items()})
+    return results
+
+
+SAMPLE_PROMPTS = ("Draw a red circle.", "Draw a blue square.", "Draw a green triangle left of a yellow circle.",
+                  "Draw two white squares.")
+
+
+def sample_grid(model, processor, path: Path, steps: tuple[int, ...] = (1, 2, 4)) -> None:
+    """PNG grid: rows = step counts, columns = fixed prompts (same seeds); a caption sample beside it."""
+    from PIL import Image
+
+    from mmgen.generation import caption_images, generate_images_for_prompts
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [generate_images_for_prompts(model, processor, list(SAMPLE_PROMPTS), num_steps=s, guidance=1.0,
+                                        seeds=list(range(len(SAMPLE_PROMPTS)))) for s in steps]
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(SAMPLE_PROMPTS), h * len(steps)))
+    for r, images in enumerate(rows):
+        for c, img in enumerate(images):
+            grid.paste(img, (c * w, r * h))
+    grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(path)
+    image, scene = caption_set("train", 1)[0]
+    caption = caption_images(model, processor, [image], question="Describe the image.")[0]
+    path.with_suffix(".json").write_text(json.dumps(
+        {"prompts": list(SAMPLE_PROMPTS), "steps": list(steps), "caption": caption, "scene": scene.to_dict()},
+        indent=2))

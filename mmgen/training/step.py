@@ -1,0 +1,69 @@
+"""One training step's loss: text cross-entropy + lambda_img * image objective (DESIGN.md §5).
+
+The objective is a pure function of a network callable `net(x_in, t_in, s_in, cond) -> G`
+(CONTRACTS.md §1); here the callable is the whole packed forward with the image copies filled in.
+The objective calls it twice: the student branch (with gradient; its forward also yields the text
+loss) and the target branch (under `torch.no_grad`, live weights: IMM's stop-gradient target).
+Which objective runs is a name in the config; this file never branches on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmgen.data.packing import COUNTER_KEYS
+
+MODEL_KEYS = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids",
+              "prefix_end", "labels", "image_uncond")  # fmt: skip
+
+
+@dataclass
+class StepLosses:
+    loss: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+    diagnostics: dict
+
+
+def split_batch(batch: dict, device: torch.device) -> tuple[dict, torch.Tensor, dict]:
+    """Packer batch -> (model kwargs on device, images (M, 3, H, W) in [-1, 1], counters)."""
+    model_inputs = {k: batch[k].to(device) for k in MODEL_KEYS}
+    counters = {k: int(batch[k]) for k in COUNTER_KEYS if k in batch}
+    return model_inputs, batch["images"].to(device), counters
+
+
+def drop_condition(cond: dict, mask: torch.Tensor) -> dict:
+    """Classifier-free-guidance dropout: the masked images' student copies see only the null context."""
+    return {**cond, "image_uncond": cond["image_uncond"] | mask.to(cond["image_uncond"].device)}
+
+
+def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, generator: torch.Generator,
+                   device: torch.device) -> StepLosses:
+    """Losses of one micro-batch. `loss_fn(net, x, cond, generator=, drop_cond=)` is the objective."""
+    inputs, images, counters = split_batch(batch, device)
+    with torch.no_grad():
+        latents = vae.encode(images.float()) if images.shape[0] else images.new_zeros(0)  # (M, C, h, w)
+    text_loss: dict[str, torch.Tensor] = {}
+
+    def net(x_in, t_in, s_in, cond):
+        student = torch.is_grad_enabled()
+        out = model(**{**cond, "labels": cond["labels"] if student else None},
+                    clean_latents=latents, noisy_latents=x_in, noisy_t=t_in, noisy_s=s_in)
+        if student:
+            text_loss["value"] = out.loss
+        return out.image_outputs.float()
+
+    num_images = latents.shape[0]
+    if num_images >= 2:
+        image_loss, diag = loss_fn(net, latents.float(), inputs, generator=generator, drop_cond=drop_condition)
+        text = text_loss["value"]
+    else:  # too few images for a particle group: text loss only (counted); the row's noisy copy is inert
+        zeros = torch.zeros(num_images, device=device)
+        out = model(**inputs, clean_latents=latents if num_images else None,
+                    noisy_latents=torch.zeros_like(latents) if num_images else None, noisy_t=zeros, noisy_s=zeros)
+        text, image_loss, diag = out.loss, torch.zeros((), device=device), {"num_excluded": num_images}
+    diag = {**diag, **counters, "num_images": num_images}
+    return StepLosses(loss=text + lambda_img * image_loss, text=text.detach(), image=image_loss.detach(),
+                      diagnostics=diag)

@@ -1,0 +1,43 @@
+"""Shared pieces of the training tests: a tiny random VAE, shared shards, and launching train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "data" / "tiny_train.yaml"
+
+
+def make_tiny_vae(path: Path) -> Path:
+    from mmgen.vae import MMGenVAE, tiny_vae_config
+
+    vae = MMGenVAE.from_config(tiny_vae_config(base_channels=8))  # random weights: the loop, not quality
+    vae.vae.save_pretrained(path)
+    return path
+
+
+def env(**extra) -> dict:
+    out = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out.update(extra)
+    return out
+
+
+def launch(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, check: bool = True,
+           **env_extra) -> subprocess.CompletedProcess:
+    """`accelerate launch [launcher args] training/train.py --config tiny.yaml ARGS`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(launcher or ["--num_processes", "1"]),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "training" / "train.py"), "--config", str(TINY), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,235 @@
+"""Train mmgen: `accelerate launch training/train.py [--config FILE] [--section.key VALUE ...]`.
+
+With no arguments it runs the embedded default (configs/default.yaml) on this machine: stage 1
+(the VAE, training/train_vae.py) if its output is missing, the shapes-world shards if missing,
+then the model, an evaluation with the exact shapes judge, and a Hugging Face export in
+`runs/<name>/final/`. With a config it scales through accelerate (DDP, DeepSpeed ZeRO-2/3).
+
+The loop, in order: batch -> losses (text CE + lambda_img * IMM, mmgen/training/step.py) ->
+backward -> clip -> optimizer/scheduler step -> EMA -> log -> checkpoint (atomic) -> samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_vae.py beside this file
+
+from mmgen.config import Config, load_config, save_config_json
+from mmgen.data.packing import PackingConfig
+from mmgen.objectives import get_objective
+from mmgen.processing_mmgen import MMGenProcessor
+from mmgen.training import checkpointing
+from mmgen.training.accel import build_accelerator
+from mmgen.training.build import build_model, build_tokenizer, load_run_vae, objective_params
+from mmgen.training.data import TrainStream, ensure_shapes_shards
+from mmgen.training.ema import EMA
+from mmgen.training.perf import device_peak_flops, mfu
+from mmgen.training.schedule import build_scheduler
+from mmgen.training.step import compute_losses
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Overrides: --section.key VALUE, e.g. --optim.max_steps 100")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"), help="YAML preset")
+    args, overrides = parser.parse_known_args(argv)
+    return load_config(args.config, overrides)
+
+
+def prepare_inputs(cfg: Config, accelerator) -> str:
+    """Stage 1 and the embedded shards, made once by the main process; returns the shard pattern."""
+    with accelerator.main_process_first():
+        vae_path = Path(cfg.model.vae)
+        if accelerator.is_main_process and not vae_path.is_absolute() and str(vae_path).startswith("runs/"):
+            from train_vae import ensure_vae
+
+            ensure_vae(vae_path, resolution=cfg.model.image_size, sigma_data=cfg.objective.sigma_data)
+        if cfg.data.source == "shapes":
+            if accelerator.is_main_process:
+                ensure_shapes_shards(cfg.data.shapes_dir, num_docs=cfg.data.num_docs,
+                                     resolution=cfg.model.image_size, seed=cfg.run.seed,
+                                     samples_per_shard=cfg.data.samples_per_shard)
+            return f"{cfg.data.shapes_dir}/train-*.tar"
+    return cfg.data.shards
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    accelerator = build_accelerator(mixed_precision=cfg.run.mixed_precision, grad_accum=cfg.optim.grad_accum,
+                                    project_dir=str(run_dir), tracker=cfg.run.tracker)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.run.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config_json(cfg, run_dir / "config.json")
+    shards = prepare_inputs(cfg, accelerator)
+
+    tokenizer = build_tokenizer(cfg)
+    vae = load_run_vae(cfg.model.vae, cfg.objective.sigma_data)
+    model = build_model(cfg, tokenizer, vae)
+    processor = MMGenProcessor.from_config(model.config, tokenizer)
+    num_image_tokens = model.config.num_image_tokens
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:  # no dataloader goes through prepare(): tell DeepSpeed the micro-batch size
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    # ZeRO-3 partitions parameters across ranks, so a full-weight EMA would need a gather every step.
+    zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
+    ema = None if zero3 else EMA(model, decay=cfg.optim.ema_decay)
+    if zero3:
+        accelerator.print("ZeRO-3: EMA disabled (evaluation and export use the live weights)")
+    loss_fn, _ = get_objective(cfg.objective.name, sigma_data=cfg.objective.sigma_data, **objective_params(cfg))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.optim.max_steps)
+    num_trainable = sum(p.numel() for p in params)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    vae.to(accelerator.device)  # the frozen encoder stays outside DDP/DeepSpeed (ZeRO-3 would partition it)
+    raw_model = accelerator.unwrap_model(model)
+
+    packing = PackingConfig(seq_len=cfg.data.seq_len, num_image_tokens=num_image_tokens,
+                            image_size=cfg.model.image_size, num_noisy_copies=1, text_loss=cfg.data.loss_on)
+    stream = TrainStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                         num_workers=cfg.data.num_workers)
+    generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout
+    step = 0
+    resume = checkpointing.find_latest(run_dir) if cfg.run.resume == "auto" else (
+        None if cfg.run.resume == "none" else Path(cfg.run.resume))
+    if resume is not None:
+        state, rank_state = checkpointing.load_checkpoint(accelerator, resume, generators={"objective": generator},
+                                                          ema=ema)
+        step = state["step"]
+        stream.load_state_dict(rank_state["data"])
+        accelerator.print(f"resumed from {resume} at step {step}")
+    accelerator.print(f"rank {rank}/{world}: shards {shards}; {num_trainable:,} trainable params")
+    if accelerator.is_main_process:
+        accelerator.init_trackers(cfg.run.name)
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.grad_accum * world
+    flops_per_step = raw_model.estimate_flops(tokens_per_step, cfg.data.seq_len)
+    peak, peak_source = device_peak_flops(device, torch.bfloat16 if cfg.run.mixed_precision == "bf16" else torch.float32)
+    progress = _progress(accelerator, step, cfg.optim.max_steps)
+    nonfinite_in_a_row, nonfinite_total = 0, 0
+    last_time, images_seen = time.perf_counter(), 0
+    while step < cfg.optim.max_steps:
+        model.train()
+        for _ in range(cfg.optim.grad_accum):
+            with accelerator.accumulate(model):
+                losses = compute_losses(model, vae, next(stream), loss_fn=loss_fn,
+                                        lambda_img=cfg.objective.lambda_img, generator=generator, device=device)
+                finite = bool(torch.isfinite(losses.loss.detach()))
+                if finite:
+                    accelerator.backward(losses.loss)
+                if accelerator.sync_gradients and finite:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if finite:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                images_seen += losses.diagnostics.get("num_images", 0)
+        if not finite:  # skip the step; stop after too many in a row
+            nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
+            if nonfinite_in_a_row >= cfg.run.max_nonfinite_in_a_row:
+                raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: stopping "
+                                   f"(lower optim.lr or check the data; run.max_nonfinite_in_a_row)")
+            continue
+        nonfinite_in_a_row = 0
+        step += 1
+        if ema is not None:
+            ema.update(raw_model)
+        if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
+            now = time.perf_counter()
+            seconds = (now - last_time) / cfg.run.log_every
+            logs = {"loss": losses.loss.item(), "loss_text": losses.text.item(), "loss_image": losses.image.item(),
+                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
+                    "images_per_s": images_seen / (now - last_time), "mfu": mfu(flops_per_step, seconds, peak),
+                    "nonfinite_total": nonfinite_total, **_scalars(losses.diagnostics), **_prefixed(stream.stats)}
+            accelerator.log(logs, step=step)
+            if accelerator.is_main_process:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            progress.set_postfix(loss=f"{logs['loss']:.3f}", text=f"{logs['loss_text']:.3f}",
+                                 img=f"{logs['loss_image']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
+                                 mfu=f"{logs['mfu']:.1%}")
+            last_time, images_seen = now, 0
+        progress.update(1)
+        if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
+            checkpointing.save_checkpoint(accelerator, run_dir, step, trainer_state={"peak_flops": peak_source},
+                                          generators={"objective": generator}, ema=ema,
+                                          rank_state={"data": stream.state_dict()}, keep_last=cfg.run.keep_last)
+        if cfg.run.sample_every and step % cfg.run.sample_every == 0 and accelerator.is_main_process:
+            _samples(raw_model, ema, processor, run_dir, step)
+        if os.environ.get("MMGEN_TEST_KILL_AT_STEP") == str(step):  # tests: SIGKILL mid-run, then resume
+            os.kill(os.getpid(), signal.SIGKILL)
+    progress.close()
+    (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    (run_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world": world, "shards_read": stream.shards_read, "data": stream.stats}))
+    accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model) if zero3 else None  # ZeRO-3: gathered on every rank
+    if accelerator.is_main_process:
+        _finish(cfg, raw_model, ema, processor, run_dir, step, state_dict=full_state)
+    accelerator.end_training()
+
+
+def _progress(accelerator, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not accelerator.is_main_process, desc="train",
+                dynamic_ncols=True)
+
+
+def _scalars(diag: dict) -> dict:
+    out = {}
+    for k, v in diag.items():
+        if isinstance(v, torch.Tensor):
+            v = v.float().mean().item() if v.numel() else float("nan")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"diag/{k}"] = v
+    return out
+
+
+def _prefixed(stats: dict) -> dict:
+    return {f"data/{k}": v for k, v in stats.items()}
+
+
+def _samples(model, ema, processor, run_dir: Path, step: int) -> None:
+    import contextlib
+
+    from mmgen.training.evaluate import sample_grid
+
+    with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
+        sample_grid(model, processor, run_dir / "samples" / f"step-{step:08d}.png")
+
+
+def _finish(cfg: Config, model, ema, processor, run_dir: Path, step: int, state_dict=None) -> None:
+    """EMA weights -> evaluation -> export (model + processor + model card) in RUN/final.
+
+    Under ZeRO-3 (`state_dict` given: the gathered live weights) the local model is partitioned, so
+    the end-of-run evaluation is skipped and the export writes the gathered weights."""
+    from mmgen.training.evaluate import end_of_run_evaluation
+    from mmgen.training.export import export_final
+
+    if ema is not None:
+        ema.copy_to(model)
+    model.eval()
+    metrics = end_of_run_evaluation(model, processor, cfg) if cfg.eval.at_end and state_dict is None else {}
+    if metrics:
+        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+    export_final(model, processor, cfg, run_dir / "final", step=step, metrics=metrics, state_dict=state_dict)
+    print(f"exported {run_dir / 'final'}" + (f"; eval: {json.dumps(metrics.get('summary', {}))}" if metrics else ""))
+
+
+if __name__ == "__main__":
+    main()

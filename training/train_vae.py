@@ -19,7 +19,14 @@
    killed run never leaves a directory that :func:`ensure_vae` would accept.
 
 Output (``out``): config.json + diffusion_pytorch_model.safetensors (``save_pretrained``),
-latent_stats.json, metrics.json, train_config.json, reconstructions.png, COMPLETE.
+latent_stats.json, metrics.json, train_config.json, history.jsonl, reconstructions.png, COMPLETE.
+
+Design (measured on the shared 2-core CPU, 512 held-out renders per split, issue 5): 4 latent
+channels at downsample factor 4 (32x32 -> 8x8x4, 64 image tokens at patch size 1), base 16
+channels (0.23 M params). Defaults, 1500 steps, 6.4 min: PSNR 33.6 dB and judge exact-scene
+95.1% (mode and sample alike) on split "train"; 30.9 dB / 72.5% on "heldout_combos" (colour/shape
+pairs the VAE never saw). 600 steps: 27.1 dB / 58.8%. After 150 steps factor 8 (4x4x4 latents)
+was no better than factor 4 (15.7 vs ~16 dB) while holding 4x fewer numbers per image.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ MARKER = "COMPLETE"
 @dataclass(frozen=True)
 class VAETrainConfig:
     out: str = "runs/vae"
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 32
     resolution: int = 32
     # architecture (mmgen.vae.tiny_vae_config)

@@ -22,7 +22,7 @@ def _load_module():
 
 
 tv = _load_module()
-TINY = dict(steps=3, batch_size=4, base_channels=8, num_stats=48, num_eval=8, seed=0)
+TINY = {"steps": 3, "batch_size": 4, "base_channels": 8, "num_stats": 48, "num_eval": 8, "seed": 0}
 DEAD_PID = 2**22 + 12345  # above Linux's default pid_max: never a live process
 
 

@@ -197,7 +197,6 @@ def evaluate(mvae: MMGenVAE, scenes, resolution: int, seed: int) -> tuple[dict, 
 def save_grid(originals, recons, path: Path, columns: int = 16, scale: int = 4) -> None:
     """Rows alternate originals / reconstructions, `columns` images per row, nearest-upscaled."""
     n = len(originals) - len(originals) % columns or len(originals)
-    h, w = originals[0].shape[:2]
     rows = []
     for i in range(0, n, columns):
         for group in (originals, recons):

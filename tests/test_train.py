@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from train_helpers import ROOT, launch, losses, make_tiny_vae
 
 GOLDEN = ROOT / "tests" / "data" / "golden_losses.json"
@@ -30,8 +28,9 @@ def common(inputs, out: Path, name: str = "t") -> list[str]:
 def test_three_steps_through_accelerate_launch_give_a_loadable_export(inputs, tmp_path):
     launch(common(inputs, tmp_path))
     final = tmp_path / "t" / "final"
-    import mmgen  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel, AutoProcessor
+
+    import mmgen  # noqa: F401  (registers the Auto classes)
 
     model = AutoModel.from_pretrained(final)
     processor = AutoProcessor.from_pretrained(final)
@@ -113,3 +112,15 @@ def test_two_processes_really_shard(inputs, tmp_path, mode):
     assert set(ranks[0]["shards_read"]).isdisjoint(ranks[1]["shards_read"])
     assert ranks[0]["shards_read"] and ranks[1]["shards_read"]
     assert (tmp_path / "t" / "final" / "model.safetensors").is_file(), proc.stdout[-2000:]
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run_when_in_a_row():
+    from mmgen.training.step import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_in_a_row=3)
+    assert guard.skip(False, step=1) and guard.skip(False, step=1)
+    assert not guard.skip(True, step=1)  # a finite step resets the streak
+    assert guard.skip(False, step=2) and guard.skip(False, step=2)
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 2"):
+        guard.skip(False, step=2)
+    assert guard.total == 5

@@ -35,7 +35,7 @@ from mmgen.training.data import TrainStream, ensure_shapes_shards
 from mmgen.training.ema import EMA
 from mmgen.training.perf import device_peak_flops, mfu
 from mmgen.training.schedule import build_scheduler
-from mmgen.training.step import compute_losses
+from mmgen.training.step import NonFiniteGuard, compute_losses
 
 
 def parse_args(argv=None) -> Config:
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     flops_per_step = raw_model.estimate_flops(tokens_per_step, cfg.data.seq_len)
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if cfg.run.mixed_precision == "bf16" else torch.float32)
     progress = _progress(accelerator, step, cfg.optim.max_steps)
-    nonfinite_in_a_row, nonfinite_total = 0, 0
+    guard = NonFiniteGuard(cfg.run.max_nonfinite_in_a_row)
     last_time, images_seen = time.perf_counter(), 0
     while step < cfg.optim.max_steps:
         model.train()
@@ -128,7 +128,8 @@ def main(argv=None) -> None:
             with accelerator.accumulate(model):
                 losses = compute_losses(model, vae, next(stream), loss_fn=loss_fn,
                                         lambda_img=cfg.objective.lambda_img, generator=generator, device=device)
-                finite = bool(torch.isfinite(losses.loss.detach()))
+                # every rank must agree, or DDP/DeepSpeed would wait for a backward that never comes
+                finite = bool(accelerator.reduce((~torch.isfinite(losses.loss.detach())).float(), "max") == 0)
                 if finite:
                     accelerator.backward(losses.loss)
                 if accelerator.sync_gradients and finite:
@@ -138,13 +139,8 @@ def main(argv=None) -> None:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 images_seen += losses.diagnostics.get("num_images", 0)
-        if not finite:  # skip the step; stop after too many in a row
-            nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
-            if nonfinite_in_a_row >= cfg.run.max_nonfinite_in_a_row:
-                raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: stopping "
-                                   f"(lower optim.lr or check the data; run.max_nonfinite_in_a_row)")
+        if guard.skip(finite, step):
             continue
-        nonfinite_in_a_row = 0
         step += 1
         if ema is not None:
             ema.update(raw_model)
@@ -154,7 +150,7 @@ def main(argv=None) -> None:
             logs = {"loss": losses.loss.item(), "loss_text": losses.text.item(), "loss_image": losses.image.item(),
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
                     "images_per_s": images_seen / (now - last_time), "mfu": mfu(flops_per_step, seconds, peak),
-                    "nonfinite_total": nonfinite_total, **_scalars(losses.diagnostics), **_prefixed(stream.stats)}
+                    "nonfinite_total": guard.total, **_scalars(losses.diagnostics), **_prefixed(stream.stats)}
             accelerator.log(logs, step=step)
             if accelerator.is_main_process:
                 with open(run_dir / "metrics.jsonl", "a") as f:

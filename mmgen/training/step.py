@@ -67,3 +67,28 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
     diag = {**diag, **counters, "num_images": num_images}
     return StepLosses(loss=text + lambda_img * image_loss, text=text.detach(), image=image_loss.detach(),
                       diagnostics=diag)
+
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose loss is NaN/inf, count them, and stop after `max_in_a_row` in a row."""
+
+    def __init__(self, max_in_a_row: int):
+        if max_in_a_row < 1:
+            raise ValueError(f"run.max_nonfinite_in_a_row must be >= 1, got {max_in_a_row}")
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+
+    def skip(self, finite: bool, step: int) -> bool:
+        """True when this step must be skipped; raises once too many non-finite steps came in a row."""
+        if finite:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise FloatingPointError(
+                f"{self.in_a_row} non-finite losses in a row at step {step}: stopping "
+                "(lower optim.lr, check the data, or raise run.max_nonfinite_in_a_row)"
+            )
+        return True

@@ -264,3 +264,115 @@ def test_inline_images_only_for_terminals_that_support_them(files):
     assert iterm.startswith("\x1b]1337;File=inline=1;") and f"size={len(data)}" in iterm
     kitty = inline_image_sequence(str(files["good"]), "kitty")
     assert kitty.startswith("\x1b_Gf=100,a=T") and kitty.rstrip().endswith("\x1b\\")
+
+
+# ------------------------------------------------------------------------------------------ the web UI
+
+
+def test_web_respond_streams_text_and_images_into_history_and_gallery(tiny, files, tmp_path):
+    from mmgen.chat_web import respond, session_factory
+
+    _, model, processor = tiny
+    template = ChatSession(model, processor, out_dir=tmp_path, settings=Settings(max_new_tokens=6))
+    new_session = session_factory(template)
+    message = {"text": "Draw a red circle.", "files": [str(files["good"])]}
+    steps = list(respond(message, [], 2.0, 1.0, 3.0, 0.0, True, None, new_session=new_session))
+    box, history, gallery, session = steps[-1]
+    assert box == {"text": "", "files": []} and len(steps) >= 3  # the reply arrives in several updates
+    assert history[0] == {"role": "user", "content": {"path": str(files["good"])}}
+    assert history[1] == {"role": "user", "content": "Draw a red circle."}
+    image = str(tmp_path / "session-001" / "turn001-image1.png")
+    assert history[2] == {"role": "assistant", "content": {"path": image}}
+    assert gallery == [(image, "turn001-image1.png")]
+    assert session.settings.num_steps == 2 and session.settings.seed == 3
+    text = "".join(m["content"] for m in history[3:] if isinstance(m["content"], str))
+    assert text and text == "".join(
+        p["text"] for p in session.transcript[1]["content"] if p["type"] == "text"
+    ) + "(reply cut at max_new_tokens=6)" * (session.transcript[1]["finish_reason"] == "length")
+
+    # Bad input: an error message in the chat, the session goes on with its history.
+    *_, (_, history2, _, same) = respond({"text": "hi", "files": [str(files["text"])]}, history, 2, 1, 3, 0,
+                                         False, session, new_session=new_session)  # fmt: skip
+    assert same is session and history2[-1]["content"].startswith("Error: cannot attach")
+    assert session.attachments == [] and len(session.transcript) == 2
+    *_, (_, history3, _, _) = respond({"text": "x " * 300, "files": []}, history2, 2, 1, 3, 0, False, session,
+                                      new_session=new_session)  # fmt: skip
+    assert "the model's context is 256 tokens (max_position_embeddings)" in history3[-1]["content"]
+
+
+def _browser():
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip(
+            "no headless browser installed: apt-get install chromium chromium-driver (CI installs them)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_web_app_in_headless_chromium(tiny, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path, model, processor = tiny
+    reference = ChatSession(
+        model, processor, out_dir=tmp_path / "ref", settings=Settings(max_new_tokens=MAX_NEW)
+    )
+    expected = "".join(
+        e.value for e in reference.reply("Draw a red circle.", force_image=True) if e.kind == "text"
+    )
+    browser = _browser()
+    port, out = _free_port(), tmp_path / "web"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mmgen.chat", "--web", "--model", str(path), "--out", str(out), "--host",
+         "127.0.0.1", "--port", str(port), "--max-new-tokens", str(MAX_NEW)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for line in server.stdout:
+            if f"http://127.0.0.1:{port}" in line:
+                break
+        else:
+            pytest.fail("the web server exited before serving")
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+        browser.find_element(By.CSS_SELECTOR, "#force-image input[type=checkbox]").click()
+        box.send_keys("Draw a red circle.")
+        box.send_keys(Keys.ENTER)
+        image = out / "session-001" / "turn001-image1.png"
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#chat img") and image.is_file())
+        wait.until(lambda b: expected.strip()[:8] in b.find_element(By.CSS_SELECTOR, "#chat").text)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery img"))
+        chat_text = browser.find_element(By.CSS_SELECTOR, "#chat").text
+        assert "Draw a red circle." in chat_text
+        src = browser.find_element(By.CSS_SELECTOR, "#chat img").get_attribute("src")
+        assert "turn001-image1" in src
+        shot = tmp_path / "web_chat.png"
+        browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        assert shot.stat().st_size > 1000
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(timeout=30)

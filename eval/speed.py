@@ -1,0 +1,117 @@
+"""Speed and text perplexity of a model export, measured in one process so the ratios are fair.
+
+- Training throughput: a few optimizer steps of the real training step (`mmgen.training.step.compute_losses`
+  with the model's own objective, packed shapes rows, AdamW) on a copy of the model: tokens/s and MFU =
+  model FLOPs (`estimate_flops`, 6N + attention) / step time / the device's peak (`mmgen.training.perf`:
+  measured bf16 matmul on CPU, data-sheet bf16 on known GPUs). bf16 autocast on both CPU and GPU.
+- Image latency per step count, with the cached prefix (the engine) and without (the whole sequence
+  recomputed at every step), from `eval/bench_generation.py`'s `bench_prefix`.
+- Perplexity: exp(mean next-token NLL) over every text label of held-out shapes documents (caption, VQA,
+  multi-turn; images as clean context), the packer's labels (CONTRACTS.md §2).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from mmgen.data.packing import PackingConfig, collate_documents
+from mmgen.data.shapes_docs import iter_documents
+from mmgen.training.evaluate import TEST_SEED
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, steps: int = 3, seed: int = 0) -> dict:
+    """Tokens/s and MFU of the training step on `rows` x `seq_len` packed shapes rows (median of `steps`)."""
+    from mmgen.objectives import get_objective
+    from mmgen.training.perf import device_peak_flops, mfu
+    from mmgen.training.step import compute_losses
+
+    cfg = model.config
+    device = model.get_input_embeddings().weight.device
+    net = copy.deepcopy(model).train()
+    params = [p for n, p in net.named_parameters() if not n.startswith("vae.")]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    loss_fn, _ = get_objective(cfg.objective, sigma_data=cfg.sigma_data, **cfg.objective_params)
+    packing = PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.image_size,
+                            num_noisy_copies=1)  # fmt: skip
+    docs = list(iter_documents(rows * 12, seed=TEST_SEED + 5, split="train", resolution=cfg.image_size))
+    batch = collate_documents(docs, processor.tokenizer, packing)
+    batch = {k: (v[:rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in batch.items()}
+    kept = int(batch["image_ids"].max()) + 1 if (batch["image_ids"] >= 0).any() else 0
+    batch["images"], batch["image_uncond"] = batch["images"][:kept], batch["image_uncond"][:kept]
+    tokens = int((batch["token_kind"] != 0).sum())
+    g = torch.Generator(device=device).manual_seed(seed)
+    times = []
+    for i in range(steps + 1):  # the first step warms up (allocations, kernels)
+        _sync(device)
+        start = time.perf_counter()
+        with _autocast(device):
+            losses = compute_losses(net, net.vae, batch, loss_fn=loss_fn, lambda_img=1.0, generator=g, device=device)
+        losses.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    flops = model.estimate_flops(tokens, seq_len)
+    peak, source = device_peak_flops(device, torch.bfloat16)
+    del net, opt
+    return {"tokens_per_step": tokens, "rows": rows, "seq_len": seq_len, "seconds_per_step": seconds,
+            "tokens_per_s": tokens / seconds, "flops_per_step": flops, "peak_flops": peak, "peak_source": source,
+            "mfu": mfu(flops, seconds, peak), "dtype": "bf16-autocast", "steps_timed": steps}  # fmt: skip
+
+
+def image_latency(model, *, prefix: int = 256, steps=(1, 2, 4, 8), guidance: float = 1.0, repeats: int = 2) -> dict:
+    """ms per image with the cached prefix and with a full recompute, per step count, and their ratio."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generation import bench_prefix
+
+    rows = bench_prefix(model, prefix, list(steps), guidance, repeats)
+    one = next((r for r in rows if r["num_steps"] == min(steps)), rows[0])
+    for r in rows:
+        r["cached_vs_fewest_steps"] = r["cached_ms"] / one["cached_ms"]
+    return {"prefix": prefix, "guidance": guidance, "repeats": repeats, "rows": rows}
+
+
+@torch.no_grad()
+def perplexity(model, processor, *, num_docs: int = 64, seq_len: int = 512, batch_rows: int = 8) -> dict:
+    """Perplexity of held-out shapes text (caption, VQA and multi-turn documents of split "heldout")."""
+    cfg = model.config
+    device = model.get_input_embeddings().weight.device
+    packing = PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.image_size,
+                            num_noisy_copies=0)  # fmt: skip
+    docs = list(iter_documents(num_docs, seed=TEST_SEED + 6, split="heldout", tasks=["caption", "vqa", "multiturn"],
+                               resolution=cfg.image_size))  # fmt: skip
+    nll, count = 0.0, 0
+    for start in range(0, len(docs), batch_rows):
+        batch = collate_documents(docs[start : start + batch_rows], processor.tokenizer, packing)
+        keys = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids", "prefix_end")
+        inputs = {k: batch[k].to(device) for k in keys}
+        latents = model.vae.encode(batch["images"].float().to(device)) if batch["images"].shape[0] else None
+        logits = model(**inputs, clean_latents=latents).logits.float()  # (B, L, V)
+        labels = batch["labels"].to(device)[:, 1:]  # UNshifted labels: token i+1 is predicted at i
+        mask = labels != -100
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        nll -= float(picked[mask].sum())
+        count += int(mask.sum())
+    return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
+            "documents": len(docs), "split": "heldout"}  # fmt: skip

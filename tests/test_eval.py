@@ -1,0 +1,209 @@
+"""Specifications of the evaluation suite (eval/run.py and its modules, issue 7)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from modeling_helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))  # eval/ holds scripts, not a package
+import interleaved
+import judge
+import plot_nfe
+import run
+import shapeeval
+import shapefd
+
+from mmgen.data.judge import judge_image
+from mmgen.data.shapes import Scene, ShapeObject, render, sample_scene
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    from mmgen.modeling_mmgen import MMGenForConditionalGeneration
+    from mmgen.processing_mmgen import MMGenProcessor
+    from mmgen.tokenization import load_tokenizer
+
+    torch.manual_seed(0)
+    model = MMGenForConditionalGeneration(tiny_config()).eval()
+    processor = MMGenProcessor.from_config(model.config, load_tokenizer(str(ROOT / "tokenizers" / "shapes")))
+    path = tmp_path_factory.mktemp("tiny_export")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_quick")
+    results = run.main(["--model", str(tiny_export), "--quick", "--steps", "1,2", "--out", str(out)])
+    return out, results
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def test_quick_run_writes_results_report_and_plots(quick_run):
+    out, results = quick_run
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("config_hash", "seeds", "sample_counts", "shapeeval", "shapefd", "understanding", "interleaved",
+                "perplexity", "speed"):  # fmt: skip
+        assert key in saved, key
+    assert set(saved["shapeeval"]) == {"heldout", "train"}
+    assert set(saved["shapeeval"]["heldout"]) == {"steps1_cfg1", "steps2_cfg1"}
+    overall = saved["shapeeval"]["heldout"]["steps1_cfg1"]
+    assert overall["n"] == 7 and set(overall["tasks"]) == set(shapeeval.TASKS) | {"other"}
+    for acc in overall["tasks"].values():  # every accuracy carries its interval
+        assert 0.0 <= acc["ci95"][0] <= acc["accuracy"] <= acc["ci95"][1] <= 1.0
+    assert saved["speed"]["training"]["tokens_per_s"] > 0 and saved["perplexity"]["perplexity"] > 1
+    report = (out / "report.md").read_text()
+    assert "ShapeEval, heldout prompts" in report and "emission precision" in report
+    for name in ("shapeeval.png", "shapefd.png", "understanding.png", "latency.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    rows = shapeeval.read_jsonl(out / "runs" / "t2i" / "heldout" / "steps2_cfg1" / "metadata.jsonl")
+    assert len(rows) == 7 and all((out / "runs" / "t2i" / "heldout" / "steps2_cfg1" / r["image"]).is_file() for r in rows)
+
+
+def test_rejudging_the_saved_run_gives_identical_numbers(quick_run):
+    out, _ = quick_run
+    saved = json.loads((out / "results.json").read_text())
+    again = json.loads(json.dumps(judge.judge_all(out)))
+    for key in judge.JUDGED_SECTIONS:
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(saved[key], sort_keys=True), key
+
+
+def test_plot_nfe_reads_two_result_dirs(quick_run, tmp_path):
+    out, _ = quick_run
+    data = plot_nfe.main([str(out), str(out), "--out", str(tmp_path)])
+    assert (tmp_path / "nfe.png").is_file()
+    (curve,) = next(iter(data.values())).values()
+    assert [point[0] for point in curve] == [1, 2]  # NFE = num_steps without guidance
+
+
+# ------------------------------------------------------------------------------------------- ShapeFD / KID
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_under_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    assert shapefd.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert shapefd.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # ||mu shift||^2, same cov
+    b = torch.randn(500, 8, generator=g, dtype=torch.float64) * 2.0  # scaled: Tr(S_a + S_b - 2 sqrt) ~ 8
+    assert shapefd.frechet_distance(a, b) > 5.0
+
+
+def test_kid_is_unbiased_near_zero_for_the_same_distribution_and_positive_under_a_shift():
+    g = torch.Generator().manual_seed(1)
+    same = [shapefd.kernel_inception_distance(torch.randn(200, 16, generator=g), torch.randn(200, 16, generator=g))
+            for _ in range(20)]  # fmt: skip
+    shifted = shapefd.kernel_inception_distance(torch.randn(200, 16, generator=g), torch.randn(200, 16, generator=g) + 0.5)
+    assert abs(sum(same) / len(same)) < 0.01  # unbiased: the mean over repeats sits at zero
+    assert min(same) < 0 < max(same)  # an unbiased estimate takes both signs around zero
+    assert shifted > 10 * max(abs(v) for v in same)
+
+
+def test_stored_feature_net_matches_its_hash_and_separates_renders_from_noise():
+    net, digest = shapefd.load_feature_net()
+    assert digest == json.loads(shapefd.INFO.read_text())["sha256"]
+    rng = random.Random(0)
+    real = [render(sample_scene(rng), 32) for _ in range(64)]
+    real2 = [render(sample_scene(rng), 32) for _ in range(64)]
+    g = torch.Generator().manual_seed(0)
+    noise = [render(Scene(()), 32) for _ in range(64)]
+    noise = [im.point(lambda v, k=int(torch.randint(0, 255, (1,), generator=g)): (v + k) % 256) for im in noise]
+    fa, fb, fn = (shapefd.extract_features(net, x) for x in (real, real2, noise))
+    assert shapefd.frechet_distance(fa, fn) > 5 * shapefd.frechet_distance(fa, fb)
+
+
+# ------------------------------------------------------------------------------------------- ShapeEval
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ({"objects": [{"colour": "red", "shape": "circle", "count": 1}], "relations": []}, "single"),
+        ({"objects": [{"colour": "red", "shape": "circle", "count": 3}], "relations": []}, "counting"),
+        ({"objects": [{"colour": "red", "shape": "circle", "count": 1},
+                      {"colour": "blue", "shape": "square", "count": 1}], "relations": []}, "two"),
+        ({"objects": [{"colour": "red", "shape": "circle", "count": 1},
+                      {"colour": "blue", "shape": "square", "count": 1}],
+          "relations": [{"a": 0, "relation": "left of", "b": 1}]}, "position"),
+        ({"objects": [{"colour": "red", "shape": "circle", "count": 2},
+                      {"colour": "blue", "shape": "square", "count": 1}], "relations": []}, "other"),
+        ({"objects": [{"colour": "red", "shape": "circle", "count": 1}, {"colour": "blue", "shape": "square", "count": 1},
+                      {"colour": "green", "shape": "triangle", "count": 1}], "relations": []}, "other"),
+    ],
+)  # fmt: skip
+def test_prompt_class_of_hand_made_specs(spec, expected):
+    assert shapeeval.prompt_class(spec) == expected
+
+
+def test_prompt_set_alternates_single_and_two_object_prompts_between_their_tasks():
+    items = shapeeval.prompt_set("heldout", 3)
+    by_task = {t: [i for i in items if i["task"] == t] for t in shapeeval.TASKS}
+    assert all(len(v) == 3 for v in by_task.values())
+    assert all(shapeeval.prompt_class(i["spec"]) == "single" for i in by_task["colors"])
+    assert all(shapeeval.prompt_class(i["spec"]) == "position" for i in by_task["position"])
+    assert len({i["doc_index"] for i in items}) == len(items)  # disjoint prompt sets
+
+
+def test_task_verdicts_follow_geneval_on_hand_made_images():
+    red_circle = {"objects": [{"colour": "red", "shape": "circle", "count": 1}], "relations": []}
+    blue_circle = judge_image(render(Scene((ShapeObject("circle", "blue", "large", 0.5, 0.5),)), 32))
+    assert shapeeval.task_verdict("single_object", red_circle, blue_circle)  # the shape is what counts
+    assert not shapeeval.task_verdict("colors", red_circle, blue_circle)  # the colour is wrong
+    left = {"objects": [{"colour": "red", "shape": "circle", "count": 1}, {"colour": "blue", "shape": "square", "count": 1}],
+            "relations": [{"a": 0, "relation": "left of", "b": 1}]}  # fmt: skip
+    ok = Scene((ShapeObject("circle", "red", "medium", 0.25, 0.5), ShapeObject("square", "blue", "medium", 0.75, 0.5)))
+    swapped = Scene((ShapeObject("circle", "red", "medium", 0.75, 0.5), ShapeObject("square", "blue", "medium", 0.25, 0.5)))
+    assert shapeeval.task_verdict("position", left, judge_image(render(ok, 32)))
+    assert not shapeeval.task_verdict("position", left, judge_image(render(swapped, 32)))
+    assert shapeeval.task_verdict("colour_attr", left, judge_image(render(swapped, 32)))  # binding right, place not
+    wrong_binding = Scene((ShapeObject("circle", "blue", "medium", 0.25, 0.5), ShapeObject("square", "red", "medium", 0.75, 0.5)))
+    assert shapeeval.task_verdict("two_object", left, judge_image(render(wrong_binding, 32)))
+    assert not shapeeval.task_verdict("colour_attr", left, judge_image(render(wrong_binding, 32)))
+
+
+# ------------------------------------------------------------------------------------------- interleaved
+
+
+def test_emission_precision_and_recall_on_a_hand_made_transcript():
+    transcript = [
+        {"expects_image": True, "images": ["a.png"]},  # true positive
+        {"expects_image": True, "images": []},  # missed image
+        {"expects_image": False, "images": ["b.png", "c.png"]},  # image nobody asked for (one turn)
+        {"expects_image": False, "images": []},  # true negative
+        {"expects_image": True, "images": ["d.png"]},  # true positive
+    ]
+    stats = interleaved.emission_stats(transcript)
+    assert stats["precision"] == pytest.approx(2 / 3) and stats["recall"] == pytest.approx(2 / 3)
+    assert (stats["turns_with_image"], stats["turns_asking_for_image"]) == (3, 3)
+    assert stats["precision_ci95"][0] < 2 / 3 < stats["precision_ci95"][1]
+
+
+def test_program_requests_accumulate_objects_and_relations():
+    progs = interleaved.programs("heldout", 5)
+    for p in progs:
+        image_turns = [t for t in p["turns"] if t["expects_image"]]
+        for k, t in enumerate(image_turns):
+            assert len(t["request"]["objects"]) == k + 1  # one object more per image turn
+        # the reference render of a program's final scene satisfies its final request
+    doc_scenes = [d["meta"]["scenes"][-1] for d in __import__("mmgen.data.shapes_docs", fromlist=["x"]).iter_documents(
+        5, seed=shapeeval.TEST_SEED + 4, split="heldout", tasks=["multiturn"])]  # fmt: skip
+    for p, scene in zip(progs, doc_scenes):
+        last = [t for t in p["turns"] if t["expects_image"]][-1]
+        assert interleaved.request_verdict(last["request"], judge_image(render(Scene.from_dict(scene), 32)))

@@ -59,23 +59,26 @@ MARKER = "COMPLETE"
 @dataclass(frozen=True)
 class VAETrainConfig:
     out: str = "runs/vae"
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 32
     resolution: int = 32
     # architecture (mmgen.vae.tiny_vae_config)
     latent_channels: int = 4
-    downsample_factor: int = 4  # 32x32 -> 8x8 latents: 64 image tokens at patch size 1
+    # 32x32 -> 16x16 latents (16 image tokens at patch size 4). Measured (1000 steps, lr 4e-3): factor 2
+    # gives 99.6% judge-exact reconstructions, factor 4 (8x8 latents) 97.9%, with rounded square corners.
+    downsample_factor: int = 2
     base_channels: int = 16
     layers_per_block: int = 1
     # objective and optimiser
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     kl_weight: float = 1e-4
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
     grad_clip: float = 1.0
     bf16: bool = True
+    heldout_share: float = 0.2  # share of training renders with held-out colour-shape pairs
     # held-out sets (scenes from seeds disjoint from training's)
     num_stats: int = 1024
     num_eval: int = 512
@@ -91,12 +94,13 @@ class VAETrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-def scene_stream(tag: str, seed: int, split: str = "train"):
-    """Endless scenes of `split`; `tag` separates training from held-out streams (str seeds hash
-    with SHA-512 in `random.Random`, so streams are reproducible and independent)."""
+def scene_stream(tag: str, seed: int, split: str = "train", heldout_share: float = 0.0):
+    """Endless scenes of `split` (a share `heldout_share` from "heldout_combos" instead); `tag`
+    separates training from held-out streams (str seeds hash with SHA-512 in `random.Random`, so
+    streams are reproducible and independent)."""
     rng = random.Random(f"mmgen-vae-{tag}-{seed}")
     while True:
-        yield sample_scene(rng, split=split)
+        yield sample_scene(rng, split="heldout_combos" if rng.random() < heldout_share else split)
 
 
 def render_batch(scenes, resolution: int) -> torch.Tensor:
@@ -139,7 +143,9 @@ def train(cfg: VAETrainConfig, progress: bool = True):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: warmup_cosine(k, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
-    stream = scene_stream("train", cfg.seed, "train")
+    # The VAE is the image tokenizer, not the generative model: like a pretrained VAE it sees every
+    # colour-shape pair, so held-out-pair evaluation measures the generator, not the reconstruction.
+    stream = scene_stream("train", cfg.seed, "train", heldout_share=cfg.heldout_share)
     history = []
     bar = tqdm(range(cfg.steps), desc="vae", disable=not progress, dynamic_ncols=True)
     for step in bar:

@@ -6,5 +6,5 @@ with Inductive Moment Matching (Zhou, Ermon & Song, ICML 2025, arXiv 2503.07565)
 
 __version__ = "0.1.0"
 
-from mmgen import modeling_mmgen as _modeling_mmgen  # noqa: E402,F401  registers "mmgen" with the Auto classes
-from mmgen import processing_mmgen as _processing_mmgen  # noqa: E402,F401  registers MMGenProcessor with AutoProcessor
+from mmgen import modeling_mmgen as _modeling_mmgen  # noqa: F401  registers "mmgen" with the Auto classes
+from mmgen import processing_mmgen as _processing_mmgen  # noqa: F401  registers MMGenProcessor with AutoProcessor

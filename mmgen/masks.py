@@ -41,10 +41,10 @@ import torch
 
 __all__ = [
     "TokenKind",
-    "build_dense_mask",
     "build_block_mask",
-    "build_image_step_mask",
+    "build_dense_mask",
     "build_image_step_block_mask",
+    "build_image_step_mask",
     "to_additive",
 ]
 

@@ -116,7 +116,7 @@ class MMGenVAE(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: Mapping, **kwargs) -> "MMGenVAE":
+    def from_config(cls, config: Mapping, **kwargs) -> MMGenVAE:
         """Build a (randomly initialised) AutoencoderKL from a config dict, offline.
 
         ``kwargs`` go to ``__init__`` (latent_mean, latent_std, sigma_data, range_tolerance).
@@ -130,7 +130,7 @@ class MMGenVAE(nn.Module):
     @classmethod
     def load_pretrained(cls, name_or_path: str, *, subfolder: str | None = None,
                         latent_mean=None, latent_std=None, sigma_data: float = 0.5,
-                        **from_pretrained_kwargs) -> "MMGenVAE":
+                        **from_pretrained_kwargs) -> MMGenVAE:
         """Load pretrained AutoencoderKL weights (local dir or Hub repo id; see module docstring).
 
         E.g. ``MMGenVAE.load_pretrained("stabilityai/sd-vae-ft-ema")`` when the Hub is reachable,
@@ -162,7 +162,7 @@ class MMGenVAE(nn.Module):
     def in_channels(self) -> int:
         return int(self.vae.config.in_channels)
 
-    def train(self, mode: bool = True) -> "MMGenVAE":
+    def train(self, mode: bool = True) -> MMGenVAE:
         super().train(mode)
         self.vae.eval()  # frozen: never in training mode
         return self

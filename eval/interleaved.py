@@ -66,9 +66,9 @@ def generate_interleaved_run(model, processor, progs: list[dict], run_dir: Path,
                              guidance: float = 1.0, seed: int = 0, max_new_tokens: int = 32,
                              batch_size: int = 32) -> Path:  # fmt: skip
     """Run the programs turn by turn (batched across programs) and write the transcript files."""
-    from mmgen.generation import Finished, GeneratedImage, TextDelta, generate_interleaved
-
     from shapeeval import write_jsonl
+
+    from mmgen.generation import Finished, GeneratedImage, TextDelta, generate_interleaved
 
     run_dir = Path(run_dir)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,6 @@ def emission_stats(turns: list[dict]) -> dict:
 
 
 def judge_interleaved_run(run_dir: Path) -> dict:
-    from mmgen.data.shapes import Scene
 
     from shapeeval import read_jsonl, write_jsonl
 
@@ -188,8 +187,9 @@ def summarise_interleaved(scored: list[dict]) -> dict:
         "image_accuracy": accuracy([im["correct"] for s in scored for im in s["images"]]),
         "image_turn_success": accuracy([bool(s["images"]) and s["images"][-1]["correct"] for s in image_turns]),
         "answer_accuracy": accuracy([s["answer_correct"] for s in scored if "answer_correct" in s]),
-        "answer_consistency_with_own_image": accuracy([s["answer_consistent"] for s in scored
-                                                       if "answer_consistent" in s]),  # fmt: skip
+        "answer_consistency_with_own_image": accuracy(
+            [s["answer_consistent"] for s in scored if "answer_consistent" in s]
+        ),
         "emission": emission_stats([{"expects_image": s["expects_image"], "images": s["images"]} for s in scored]),
         "num_programs": len({s["program"] for s in scored}),
     }

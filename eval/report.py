@@ -8,7 +8,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: only files are written
 import matplotlib.pyplot as plt
-
 from shapeeval import TASKS
 
 
@@ -46,8 +45,8 @@ def shapeeval_table(results: dict) -> list[str]:
 
 def shapefd_table(results: dict) -> list[str]:
     fd = results.get("shapefd", {})
-    lines = ["### ShapeFD / ShapeKID (features: eval/shapefd.safetensors, sha256 "
-             f"{str(fd.get('feature_net_sha256', ''))[:12]})", "",
+    lines = [("### ShapeFD / ShapeKID (features: eval/shapefd.safetensors, sha256 "
+             f"{str(fd.get('feature_net_sha256', ''))[:12]})"), "",
              "| split | setting | ShapeFD | floor | ShapeKID | floor | n |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for split, runs in fd.items():
         if not isinstance(runs, dict):
@@ -81,10 +80,10 @@ def interleaved_table(results: dict) -> list[str]:
                   f"| image turns with a correct image | {_acc(r['image_turn_success'])} |",
                   f"| answers correct (reference scene) | {_acc(r['answer_accuracy'])} |",
                   f"| answers consistent with own image | {_acc(r['answer_consistency_with_own_image'])} |",
-                  f"| emission precision | {e['precision']:.3f} [{e['precision_ci95'][0]:.2f}, {e['precision_ci95'][1]:.2f}] "
-                  f"({e['true_positive_turns']}/{e['turns_with_image']}) |",
-                  f"| emission recall | {e['recall']:.3f} [{e['recall_ci95'][0]:.2f}, {e['recall_ci95'][1]:.2f}] "
-                  f"({e['true_positive_turns']}/{e['turns_asking_for_image']}) |", ""]  # fmt: skip
+                  (f"| emission precision | {e['precision']:.3f} [{e['precision_ci95'][0]:.2f}, {e['precision_ci95'][1]:.2f}] "
+                  f"({e['true_positive_turns']}/{e['turns_with_image']}) |"),
+                  (f"| emission recall | {e['recall']:.3f} [{e['recall_ci95'][0]:.2f}, {e['recall_ci95'][1]:.2f}] "
+                  f"({e['true_positive_turns']}/{e['turns_asking_for_image']}) |"), ""]  # fmt: skip
     return lines
 
 
@@ -92,15 +91,15 @@ def speed_table(results: dict) -> list[str]:
     lines = []
     if "perplexity" in results:
         p = results["perplexity"]
-        lines += [f"### Text: perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens "
-                  f"({p['documents']} documents)", ""]
+        lines += [(f"### Text: perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens "
+                  f"({p['documents']} documents)"), ""]
     s = results.get("speed")
     if not s:
         return lines
     t = s["training"]
-    lines += ["### Speed", "", f"Training: {t['tokens_per_s']:.0f} tokens/s ({t['rows']}x{t['seq_len']} rows, "
+    lines += ["### Speed", "", (f"Training: {t['tokens_per_s']:.0f} tokens/s ({t['rows']}x{t['seq_len']} rows, "
               f"{t['seconds_per_step']:.3f} s/step, {t['dtype']}), MFU {t['mfu']:.4f} of {t['peak_flops'] / 1e12:.2f} "
-              f"TFLOP/s ({t['peak_source']}).", "",
+              f"TFLOP/s ({t['peak_source']})."), "",
               f"Image latency (prefix {s['image_latency']['prefix']} tokens, guidance {s['image_latency']['guidance']}):", "",
               "| steps | cached ms | no cache ms | no cache / cached | cached vs fewest steps |", "|---|---|---|---|---|"]  # fmt: skip
     for r in s["image_latency"]["rows"]:
@@ -164,7 +163,7 @@ def plot_understanding(results: dict, path: Path) -> None:
     items = [("caption exact", u["caption"]["exact_match"])]
     items += [(f"cap. {k}", v) for k, v in u["caption"]["attributes"].items()]
     items += [(f"VQA {k}", v) for k, v in u["vqa"]["types"].items()]
-    for name, r in results.get("interleaved", {}).items():
+    for r in results.get("interleaved", {}).values():
         items += [("multi-turn images", r["image_accuracy"]), ("multi-turn answers", r["answer_accuracy"])]
     fig, ax = plt.subplots(figsize=(9, 4))
     ys = [v["accuracy"] for _, v in items]
@@ -200,10 +199,10 @@ def plot_latency(results: dict, path: Path) -> None:
 def write_report(results: dict, out: Path) -> None:
     out = Path(out)
     lines = [f"# Evaluation of `{results['model']}`", "",
-             f"Objective {results['objective']}, config sha256 {results['config_hash'][:12]}, steps {results['steps']}, "
+             (f"Objective {results['objective']}, config sha256 {results['config_hash'][:12]}, steps {results['steps']}, "
              f"guidance {results['guidance']}{' (QUICK mode: tiny sample counts)' if results.get('quick') else ''}. "
              "Accuracies: value [95% Wilson CI] (n); ShapeEval overall = mean of the six tasks (CI: mean of "
-             "the tasks' Wilson bounds). All numbers: results.json.", ""]  # fmt: skip
+             "the tasks' Wilson bounds). All numbers: results.json."), ""]  # fmt: skip
     lines += shapeeval_table(results) + shapefd_table(results) + understanding_table(results)
     lines += interleaved_table(results) + speed_table(results)
     lines += ["Plots: shapeeval.png, shapefd.png, understanding.png, latency.png.", ""]

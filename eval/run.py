@@ -101,10 +101,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="noise seed of sample 0 (sample i uses seed + i)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (0 = torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads on CPU (default 1: on the shared 2-core box two OpenMP threads spin "
+                   "against other processes, see eval/bench_generation.py; 0 = torch's choice)")  # fmt: skip
     p.add_argument("--skip", default="", help="comma-separated suites to skip: speed,interleaved,understanding")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
     steps = [int(s) for s in args.steps.split(",")]
     scales = [float(w) for w in args.cfg.split(",")]

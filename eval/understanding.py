@@ -58,9 +58,9 @@ def understanding_items(split: str, num_captions: int, num_vqa: int, seed: int =
 
 def generate_understanding_run(model, processor, items: list[dict], run_dir: Path, *, resolution: int = 32,
                                batch_size: int = 32, max_new_tokens: int = 48) -> Path:  # fmt: skip
-    from mmgen.generation import TextDelta, caption_prompt, generate_interleaved
-
     from shapeeval import write_jsonl
+
+    from mmgen.generation import TextDelta, caption_prompt, generate_interleaved
 
     run_dir = Path(run_dir)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)

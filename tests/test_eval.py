@@ -58,7 +58,7 @@ def quick_run(tiny_export, tmp_path_factory):
 
 
 def test_quick_run_writes_results_report_and_plots(quick_run):
-    out, results = quick_run
+    out, _ = quick_run
     saved = json.loads((out / "results.json").read_text())
     for key in ("config_hash", "seeds", "sample_counts", "shapeeval", "shapefd", "understanding", "interleaved",
                 "perplexity", "speed"):  # fmt: skip
@@ -123,8 +123,8 @@ def test_stored_feature_net_matches_its_hash_and_separates_renders_from_noise():
     real = [render(sample_scene(rng), 32) for _ in range(64)]
     real2 = [render(sample_scene(rng), 32) for _ in range(64)]
     g = torch.Generator().manual_seed(0)
-    noise = [render(Scene(()), 32) for _ in range(64)]
-    noise = [im.point(lambda v, k=int(torch.randint(0, 255, (1,), generator=g)): (v + k) % 256) for im in noise]
+    offsets = torch.randint(0, 255, (64,), generator=g).tolist()
+    noise = [render(Scene(()), 32).point(lambda v, k=k: (v + k) % 256) for k in offsets]  # flat random colours
     fa, fb, fn = (shapefd.extract_features(net, x) for x in (real, real2, noise))
     assert shapefd.frechet_distance(fa, fn) > 5 * shapefd.frechet_distance(fa, fb)
 

@@ -85,7 +85,7 @@ def test_repl_end_to_end_in_a_pseudo_terminal(tiny, files, tmp_path):
     child = pexpect.spawn(
         sys.executable, ["-m", "mmgen.chat", "--model", str(path), "--out", str(out), "--max-new-tokens",
                          str(MAX_NEW)],
-        cwd=tmp_path, env=_env(MMGEN_CHAT_DELAY_S="0.1"), encoding="utf-8", timeout=60, dimensions=(50, 4000),
+        cwd=tmp_path, env=_env(MMGEN_CHAT_DELAY_S="0.25"), encoding="utf-8", timeout=60, dimensions=(50, 4000),
     )  # fmt: skip
     try:
         child.expect_exact("you> ")

@@ -46,11 +46,12 @@ def test_tiny_run_writes_a_loadable_vae_with_latent_stats(run_dir):
         assert (run_dir / name).is_file(), name
     stats = json.loads((run_dir / "latent_stats.json").read_text())
     vae = MMGenVAE.load_pretrained(str(run_dir))
-    assert vae.latent_channels == 4 and vae.downsample_factor == 4
+    factor = tv.VAETrainConfig().downsample_factor
+    assert vae.latent_channels == 4 and vae.downsample_factor == factor
     torch.testing.assert_close(vae.latent_mean, torch.tensor(stats["latents_mean"]))
     torch.testing.assert_close(vae.latent_std, torch.tensor(stats["latents_std"]))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["latent_shape"] == [4, 8, 8]
+    assert metrics["latent_shape"] == [4, 32 // factor, 32 // factor]
     assert metrics["num_params"] == sum(p.numel() for p in vae.vae.parameters())
     for split in ("eval_train", "eval_heldout_combos"):
         assert metrics[split]["judge_exact_on_originals"] == 1.0

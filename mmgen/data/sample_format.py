@@ -23,6 +23,8 @@ from typing import Any
 
 from PIL import Image
 
+from mmgen.data.image_transforms import resize_center_crop_image
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 PROBLEMS = ("bad_json", "bad_image", "missing_image", "empty_document", "invalid_sample")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
@@ -49,15 +51,9 @@ def check_key(key: str) -> str:
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to `resolution` (bicubic, antialiased), then crop the centre square."""
-    w, h = image.size
-    if (w, h) == (resolution, resolution):
-        return image
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    """Resize the shorter side to `resolution` (bicubic), then crop the centre square (one implementation,
+    shared with the packer and the processor: `mmgen.data.image_transforms`)."""
+    return resize_center_crop_image(image, resolution)
 
 
 def decode_image(data: bytes, resolution: int | None = None) -> Image.Image:

@@ -20,7 +20,9 @@ import base64
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -373,6 +375,10 @@ class Terminal:
         return True
 
     def run(self, read=input) -> None:
+        # Ctrl-C must raise KeyboardInterrupt here even when this process inherited SIGINT as ignored
+        # (e.g. started in the background by a non-interactive shell): it stops a reply, not the session.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.say("mmgen chat. Type /help for commands, /quit to leave.")
         while True:
             try:

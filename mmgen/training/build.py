@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from mmgen.config import Config
 from mmgen.configuration_mmgen import MMGenConfig
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
@@ -84,7 +82,3 @@ def build_tokenizer(cfg: Config):
             "special-token ids (CONTRACTS.md §4); a pretrained LM's tokenizer needs them appended first"
         )
     return load_tokenizer(cfg.model.tokenizer)
-
-
-def trainable_parameters(model: torch.nn.Module):
-    return [p for p in model.parameters() if p.requires_grad]

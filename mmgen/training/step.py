@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mmgen.data.packing import COUNTER_KEYS
+from mmgen.data.packing import COUNTER_KEYS, METADATA_KEYS
 
-MODEL_KEYS = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids",
-              "prefix_end", "labels", "image_uncond")  # fmt: skip
+MODEL_KEYS = (*METADATA_KEYS, "image_uncond")  # what the packed forward takes from a packer batch
 
 
 @dataclass

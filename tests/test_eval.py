@@ -23,13 +23,7 @@ import shapefd
 from mmgen.data.judge import judge_image
 from mmgen.data.shapes import Scene, ShapeObject, render, sample_scene
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,11 @@ class ObjectiveSection:
     p_uncond: float = 0.1
     sigma_data: float = 0.5
     num_particles: int = 4
+    # IMM particle groups: "condition" = only images with identical conditions (same prompt prefix)
+    # share a group; "consecutive" = any M consecutive images of the batch (the unconditional recipe)
+    particle_groups: Literal["condition", "consecutive"] = "consecutive"
+    fm_fraction: float = 0.0  # IMM only: share of groups trained with the flow-matching (s = t) loss
+    fm_weight: float = 1.0
     k: int = 12
     a: float = 2.0
     b: float = 4.0
@@ -101,6 +106,9 @@ class RunSection:
     resume: str = "auto"  # "auto" (newest complete checkpoint), "none", or a checkpoint dir
     max_nonfinite_in_a_row: int = 10
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    # CPU only: intra-op threads per process. -1 = cores / processes (`accelerate launch` exports
+    # OMP_NUM_THREADS=1, which would leave a single-process run on one core), 0 = keep torch's setting.
+    cpu_threads: int = -1
     deepspeed_config: str | None = None  # set by presets that run under DeepSpeed
 
 

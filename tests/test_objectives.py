@@ -385,3 +385,28 @@ def test_simple_edm_cosine_loss_is_finite_and_identity_time_input_passes_s():
     student, target = net.calls
     assert torch.equal(student["s_in"], target["s_in"])  # identity: 1000 s, shared by both branches
     assert (student["s_in"] < student["t_in"]).all() and (student["s_in"] >= 0).all()
+
+
+def test_flow_matching_groups_regress_the_velocity_at_s_equal_t():
+    """fm_fraction = 1: every group is a flow-matching group, so the loss is fm_weight times the FM
+    regression of G(x_t, t, t) onto (eps - x) / sigma_d, with eps recovered from the student input."""
+    net, x = RecordingNet(6), _batch(b=8)
+    config = IMMConfig(num_particles=4, fm_fraction=1.0, fm_weight=0.3)
+    loss, diag = imm_loss(net, x, config=config, generator=torch.Generator().manual_seed(3))
+    student = net.calls[0]
+    assert torch.all(student["s_in"] == 0) and diag["frac_fm_groups"] == 1.0  # stride t - s = 0
+    t = student["t_in"].double() / 1000
+    interp = get_interpolant("ot_fm")
+    x_t = student["x_in"].double() / c_in(t, config)[:, None, None]
+    eps = (x_t - interp.alpha(t)[:, None, None] * x) / interp.sigma(t)[:, None, None]
+    expected = 0.3 * (student["out"].double() - (eps - x) / config.sigma_data).pow(2).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-3, atol=1e-5)
+    loss.backward()  # the regression reaches the network
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_flow_matching_groups_need_the_euler_parameterisation():
+    with pytest.raises(ValueError, match="euler_fm"):
+        IMMConfig(fm_fraction=0.5, parameterization="simple_edm", interpolant="cosine")
+    with pytest.raises(ValueError, match="fm_fraction"):
+        IMMConfig(fm_fraction=1.5)

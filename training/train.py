@@ -69,6 +69,10 @@ def main(argv=None) -> None:
     accelerator = build_accelerator(mixed_precision=cfg.run.mixed_precision, grad_accum=cfg.optim.grad_accum,
                                     project_dir=str(run_dir), tracker=cfg.run.tracker)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if device.type == "cpu" and cfg.run.cpu_threads != 0:
+        threads = cfg.run.cpu_threads if cfg.run.cpu_threads > 0 else max(1, (os.cpu_count() or 1) // world)
+        torch.set_num_threads(threads)
+        accelerator.print(f"CPU: {threads} thread(s) per process")
     torch.manual_seed(cfg.run.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,7 @@ def main(argv=None) -> None:
     if zero3:
         accelerator.print("ZeRO-3: EMA disabled (evaluation and export use the live weights)")
     loss_fn, _ = get_objective(cfg.objective.name, sigma_data=cfg.objective.sigma_data, **objective_params(cfg))
+    group_by_condition = cfg.objective.name == "imm" and cfg.objective.particle_groups == "condition"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
@@ -127,7 +132,8 @@ def main(argv=None) -> None:
         for _ in range(cfg.optim.grad_accum):
             with accelerator.accumulate(model):
                 losses = compute_losses(model, vae, next(stream), loss_fn=loss_fn,
-                                        lambda_img=cfg.objective.lambda_img, generator=generator, device=device)
+                                        lambda_img=cfg.objective.lambda_img, generator=generator, device=device,
+                                        group_by_condition=group_by_condition)
                 # every rank must agree, or DDP/DeepSpeed would wait for a backward that never comes
                 finite = bool(accelerator.reduce((~torch.isfinite(losses.loss.detach())).float(), "max") == 0)
                 if finite:

@@ -33,6 +33,7 @@ __all__ = [
     "IMMConfig",
     "c_in",
     "compute_r",
+    "condition_chunks",
     "draw",
     "flow_map",
     "flow_map_coefficients",
@@ -65,6 +66,11 @@ class IMMConfig:
     b: float = 4.0
     num_particles: int = 4
     p_uncond: float = 0.0
+    # Flow-matching groups (Shortcut models, Frans et al. 2024, arXiv 2410.12557): this fraction of
+    # particle groups trains the s -> t limit of the flow map, sigma_d G(x_t, t, t) = eps - x, by
+    # regression on the data instead of MMD; weighted by fm_weight. 0 = pure IMM (the paper).
+    fm_fraction: float = 0.0
+    fm_weight: float = 1.0
 
     def __post_init__(self):
         get_interpolant(self.interpolant)  # validates the name
@@ -84,6 +90,10 @@ class IMMConfig:
             raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        if not 0.0 <= self.fm_fraction <= 1.0 or self.fm_weight < 0:
+            raise ValueError(f"need 0 <= fm_fraction <= 1 and fm_weight >= 0, got {self.fm_fraction}, {self.fm_weight}")
+        if self.fm_fraction > 0 and self.parameterization != "euler_fm":
+            raise ValueError("fm_fraction > 0 needs parameterization 'euler_fm' (sigma_d G is the velocity there)")
         if self.k < 0 or self.delta < 0:
             raise ValueError(f"k and delta must be >= 0, got k={self.k}, delta={self.delta}")
 
@@ -268,10 +278,40 @@ def _grouped_mmd2(student, target, t, s, num_particles: int, config):
     return mmd2, mmd2.shape[0], excluded
 
 
-def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=None, drop_cond=None):
+def condition_chunks(group_ids: torch.Tensor, num_particles: int) -> list[list[int]]:
+    """Particle groups from per-item condition ids: items with the same id, in order, cut into chunks
+    of at most ``num_particles``; an item alone with its condition is a chunk of one."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids.tolist()):
+        members.setdefault(int(g), []).append(i)
+    return [items[k:k + num_particles] for items in members.values() for k in range(0, len(items), num_particles)]
+
+
+def _chunked_mmd2(student, target, t, s, chunks: list[list[int]], config):
+    """MMD^2 per chunk (variable sizes, batched per size), in chunk order: (num_chunks,)."""
+    flat_s, flat_t = student.reshape(student.shape[0], -1), target.reshape(target.shape[0], -1)
+    weight = kernel_weight(s, t, config)
+    mmd2 = flat_s.new_zeros(len(chunks), dtype=torch.promote_types(flat_s.dtype, torch.float32))
+    for size in sorted({len(c) for c in chunks}):
+        which = [j for j, c in enumerate(chunks) if len(c) == size]
+        index = torch.tensor([chunks[j] for j in which], device=student.device)  # (G_size, size)
+        which_t = torch.tensor(which, device=student.device)
+        mmd2 = mmd2.index_put((which_t,), group_mmd2(flat_s[index], flat_t[index], weight[which_t]))
+    return mmd2
+
+
+def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=None, drop_cond=None,
+             group_ids: torch.Tensor | None = None):
     """IMM training loss (IMM Alg. 1, Eq. (12)-(13)); returns (scalar loss, diagnostics dict).
 
-    Groups of ``config.num_particles`` consecutive items share (s, r, t). ``net`` is called
+    Particle groups: without ``group_ids``, groups of ``config.num_particles`` consecutive items
+    share (s, r, t) (the paper's recipe for exchangeable samples). With ``group_ids`` (B,) (one id
+    per distinct condition, e.g. per prompt), only items of the same condition form a group (at most
+    ``num_particles`` each, one (s, r, t) per group); an item whose condition no other item shares
+    is a group of one, whose MMD^2 = 2 - 2 k(student, target). This is the MMD on the joint
+    (condition, image) space with a delta kernel on the condition: samples drawn under different
+    prompts are not samples of one distribution, and matching their mixture lets a model that
+    ignores the prompt reach the same loss. ``net`` is called
     exactly twice: the student f_{s,t}(x_t) with gradient (its condition dropped with
     probability ``p_uncond`` through ``drop_cond``), then the target f_{s,r}(x_r) with the same
     weights under ``torch.no_grad`` (a stop-gradient, not an EMA). Every draw uses ``generator``.
@@ -283,13 +323,28 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be (B, ...) with B >= 1, got shape {tuple(x.shape)}")
     batch, m = x.shape[0], config.num_particles
-    if batch < min(2, m):
+    if group_ids is None and batch < min(2, m):
         raise ValueError(
             f"x has batch size {batch}: IMM needs at least 2 items to form a group (num_particles={m})"
         )
     device = x.device
-    t, s, r = _sample_group_times(-(-batch // m), config, generator, device)
-    item_group = torch.arange(batch, device=device) // m  # (B,): group index of each item
+    chunks = None
+    if group_ids is not None:
+        if group_ids.shape != (batch,):
+            raise ValueError(f"group_ids must have shape ({batch},), got {tuple(group_ids.shape)}")
+        chunks = condition_chunks(group_ids, m)
+        t, s, r = _sample_group_times(len(chunks), config, generator, device)
+        item_group = torch.empty(batch, dtype=torch.long)
+        for j, c in enumerate(chunks):
+            item_group[c] = j
+        item_group = item_group.to(device)
+    else:
+        t, s, r = _sample_group_times(-(-batch // m), config, generator, device)
+        item_group = torch.arange(batch, device=device) // m  # (B,): group index of each item
+    fm_group = torch.zeros(t.shape[0], dtype=torch.bool, device=device)
+    if config.fm_fraction > 0:  # drawn only when used: pure IMM keeps its random stream
+        fm_group = draw(torch.rand, (t.shape[0],), generator, device) < config.fm_fraction
+        s, r = torch.where(fm_group, t, s), torch.where(fm_group, t, r)
     t_b, s_b, r_b = t[item_group], s[item_group], r[item_group]
     noise = config.sigma_data * draw(torch.randn, x.shape, generator, device, x.dtype)
     interp = get_interpolant(config.interpolant)
@@ -297,14 +352,26 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
     x_r = interp.interpolate(x, noise, r_b)
 
     student_cond = _student_condition(cond, batch, config.p_uncond, generator, drop_cond, device)
-    student = flow_map(net, x_t, t_b, s_b, student_cond, config)
+    g = network_output(net, x_t, t_b, s_b, student_cond, config)
+    c_skip, c_out = flow_map_coefficients(s_b, t_b, config)
+    student = expand_like(c_skip, x_t) * x_t + expand_like(c_out, g) * g  # f_{s,t}(x_t), as in flow_map
+    student = torch.where((s_b == t_b).reshape(-1, *([1] * (x_t.ndim - 1))), x_t, student)
     with torch.no_grad():
         target = flow_map(net, x_r, r_b, s_b, cond, config)
 
-    mmd2, num_groups, excluded = _grouped_mmd2(student, target, t, s, m, config)
-    t, s, r = t[:num_groups], s[:num_groups], r[:num_groups]
+    if chunks is not None:
+        mmd2, num_groups, excluded = _chunked_mmd2(student, target, t, s, chunks, config), len(chunks), 0
+    else:
+        mmd2, num_groups, excluded = _grouped_mmd2(student, target, t, s, m, config)
+    fm_items = fm_group[item_group]  # (B,), before the groups are cut to those in the loss
+    t, s, r, fm_group = t[:num_groups], s[:num_groups], r[:num_groups], fm_group[:num_groups]
     weight = imm_weight(s, t, config).to(device=device, dtype=mmd2.dtype)
-    loss = (weight * mmd2).mean()
+    imm_groups = ~fm_group
+    loss = (weight * mmd2)[imm_groups].sum() / imm_groups.sum().clamp_min(1)
+    if bool(fm_items.any()):
+        velocity = (noise - x) / config.sigma_data  # eps - x in units of sigma_d (flow_matching.py)
+        fm_loss = (g[fm_items].float() - velocity[fm_items].float()).pow(2).mean()
+        loss = loss + config.fm_weight * fm_loss
     diagnostics = {
         "mean_t": t.mean().item(),
         "mean_t_minus_r": (t - r).mean().item(),
@@ -312,5 +379,7 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
         "frac_r_eq_s": (r == s).double().mean().item(),
         "num_groups": num_groups,
         "num_excluded": excluded,
+        "mean_group_size": batch / num_groups if chunks is not None else float(m),
+        "frac_fm_groups": fm_group.double().mean().item(),
     }
     return loss, diagnostics

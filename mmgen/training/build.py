@@ -10,7 +10,8 @@ from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 from mmgen.tokenization import load_tokenizer
 from mmgen.vae import MMGenVAE
 
-IMM_KEYS = ("num_particles", "k", "a", "b", "T", "eps", "delta", "parameterization", "time_input", "p_uncond")
+IMM_KEYS = ("num_particles", "k", "a", "b", "T", "eps", "delta", "parameterization", "time_input", "p_uncond",
+            "fm_fraction", "fm_weight")
 FM_KEYS = ("time_sampling", "time_input", "p_uncond")
 
 

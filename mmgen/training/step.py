@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mmgen.data.packing import COUNTER_KEYS, METADATA_KEYS
+from mmgen.masks import TokenKind
 
 MODEL_KEYS = (*METADATA_KEYS, "image_uncond")  # what the packed forward takes from a packer batch
 
@@ -38,9 +39,37 @@ def drop_condition(cond: dict, mask: torch.Tensor) -> dict:
     return {**cond, "image_uncond": cond["image_uncond"] | mask.to(cond["image_uncond"].device)}
 
 
+def condition_ids(inputs: dict) -> torch.Tensor:
+    """One id per image of a packed batch (num_images,): images whose conditions are identical share it.
+
+    An image's condition is its document's tokens up to its `<|boi|>`. Two images share an id when
+    those token ids are equal and the prefix holds no earlier image (whose content the ids do not
+    show): e.g. every "<|user|><|boi|>" caption/VQA image, or two documents with the same prompt.
+    IMM forms its particle groups from these ids (`imm_loss(group_ids=...)`)."""
+    kind, ids, docs = inputs["token_kind"].cpu(), inputs["input_ids"].cpu(), inputs["document_ids"].cpu()
+    image_ids, prefix_end = inputs["image_ids"].cpu(), inputs["prefix_end"].cpu()
+    noisy = kind == TokenKind.IMAGE_NOISY
+    rows, cols = noisy.nonzero(as_tuple=True)
+    keys: dict = {}
+    out: list[int] = []
+    first = {}
+    for b, c in zip(rows.tolist(), cols.tolist()):
+        first.setdefault(int(image_ids[b, c]), (b, int(prefix_end[b, c])))
+    for image in range(len(first)):
+        b, end = first[image]
+        in_doc = (docs[b, : end + 1] == docs[b, end]).nonzero(as_tuple=True)[0]
+        if bool((kind[b, in_doc] == TokenKind.IMAGE_CLEAN).any()):
+            key = ("unique", image)
+        else:
+            key = tuple(ids[b, in_doc].tolist())
+        out.append(keys.setdefault(key, len(keys)))
+    return torch.tensor(out, dtype=torch.long)
+
+
 def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, generator: torch.Generator,
-                   device: torch.device) -> StepLosses:
-    """Losses of one micro-batch. `loss_fn(net, x, cond, generator=, drop_cond=)` is the objective."""
+                   device: torch.device, group_by_condition: bool = False) -> StepLosses:
+    """Losses of one micro-batch. `loss_fn(net, x, cond, generator=, drop_cond=)` is the objective;
+    with `group_by_condition` it also gets `group_ids=condition_ids(...)` (IMM particle groups)."""
     inputs, images, counters = split_batch(batch, device)
     with torch.no_grad():
         latents = vae.encode(images.float()) if images.shape[0] else images.new_zeros(0)  # (M, C, h, w)
@@ -55,8 +84,10 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
         return out.image_outputs.float()
 
     num_images = latents.shape[0]
-    if num_images >= 2:
-        image_loss, diag = loss_fn(net, latents.float(), inputs, generator=generator, drop_cond=drop_condition)
+    if num_images >= (1 if group_by_condition else 2):
+        extra = {"group_ids": condition_ids(inputs)} if group_by_condition else {}
+        image_loss, diag = loss_fn(net, latents.float(), inputs, generator=generator, drop_cond=drop_condition,
+                                   **extra)
         text = text_loss["value"]
     else:  # too few images for a particle group: text loss only (counted); the row's noisy copy is inert
         zeros = torch.zeros(num_images, device=device)

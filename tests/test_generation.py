@@ -314,3 +314,15 @@ def test_caption_images_is_greedy_and_batch_independent(model, processor):
     alone = [G.caption_images(model, processor, [im], max_new_tokens=5)[0] for im in images]
     assert together == alone
     assert all(isinstance(c, str) and c for c in together)
+
+
+def test_prompt_sensitivity_sees_the_prompt_and_is_zero_for_one_prompt(model, processor):
+    """The end-of-run diagnostic: an untrained model's one-step image already moves with the prompt
+    (the noisy copy reads it); repeating one prompt gives exactly no prompt effect."""
+    from mmgen.training.evaluate import prompt_sensitivity
+
+    varied = prompt_sensitivity(model, processor, prompts=("Draw a red circle.", "Draw two blue squares."),
+                                num_seeds=2)
+    assert varied["ratio"] > 0 and varied["across_seeds"] > 0
+    same = prompt_sensitivity(model, processor, prompts=("Draw a red circle.",) * 2, num_seeds=2)
+    assert same["across_prompts"] == 0.0 and same["ratio"] == 0.0

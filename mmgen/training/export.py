@@ -47,6 +47,11 @@ def _metrics_table(metrics: dict) -> str:
         for key, v in metrics.get(group, {}).items():
             lo, hi = v["ci95"]
             lines.append(f"| {group} {key} | {v['accuracy']:.3f} | {v['n']} | [{lo:.3f}, {hi:.3f}] |")
+    if "prompt_sensitivity" in metrics:
+        ps = metrics["prompt_sensitivity"]
+        lines.append(f"\nPrompt sensitivity (one-step latents, distance between prompts / between seeds; "
+                     f"0 = the image ignores the text): {ps['ratio']:.3f} "
+                     f"({ps['num_prompts']} prompts x {ps['num_seeds']} seeds).")
     return "\n".join(lines)
 
 

@@ -155,7 +155,6 @@ def emission_stats(turns: list[dict]) -> dict:
 
 
 def judge_interleaved_run(run_dir: Path) -> dict:
-
     from shapeeval import read_jsonl, write_jsonl
 
     run_dir = Path(run_dir)

@@ -1,10 +1,12 @@
-"""Quick text->image check of an export: exact-judge accuracy on train-distribution prompts per step count.
+"""Quick check of an export: text->image exact accuracy per step count, captions, prompt sensitivity.
 
-    python eval/quick_t2i.py --model runs/default/final --out runs/quick_t2i.json [--steps 1 8 32] [--num 50]
+    python eval/quick_t2i.py --model runs/default/final --out runs/quick_t2i.json [--steps 1 4] [--num 40]
 
 Single-object and two-object prompts from the shapes grammar on the test seed
 (`mmgen.training.evaluate.t2i_prompts`), one image per prompt and seed i, scored by `score_t2i`
-(overall verdict and validity) with a 95% Wilson interval. The full report is `eval/run.py`.
+(overall verdict and validity) with a 95% Wilson interval; greedy captions of `--num` train-combination
+renders; and `prompt_sensitivity` (0 = the image ignores the prompt). The ablation table of issue 5's
+closing note was made with this script. The full report is `eval/run.py`.
 """
 
 import argparse
@@ -13,9 +15,7 @@ import json
 import torch
 
 import mmgen  # noqa: F401  (registers the Auto classes)
-from mmgen.data.judge import score_t2i
-from mmgen.generation import generate_images_for_prompts
-from mmgen.training.evaluate import accuracy, t2i_prompts
+from mmgen.training.evaluate import accuracy, caption_scores, prompt_sensitivity, t2i_prompts, t2i_scores
 
 
 def main(argv=None) -> dict:
@@ -24,8 +24,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--num", type=int, default=50)
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--num", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -35,12 +35,14 @@ def main(argv=None) -> dict:
     for groups, name in ((1, "single"), (2, "two")):
         prompts = t2i_prompts("train", groups, args.num)
         for steps in args.steps:
-            images = generate_images_for_prompts(model, processor, [p for p, _ in prompts], num_steps=steps,
-                                                 seeds=list(range(len(prompts))))
-            scores = [score_t2i(img, spec, processor.image_size) for img, (_, spec) in zip(images, prompts)]
+            scores = t2i_scores(model, processor, prompts, num_steps=steps, resolution=processor.image_size)
             results[f"{name}@{steps}"] = {**accuracy([s["overall"] for s in scores]),
                                           "valid": sum(s["valid"] for s in scores) / len(scores)}
             print(name, steps, results[f"{name}@{steps}"], flush=True)
+    flags, _ = caption_scores(model, processor, "train", args.num, resolution=processor.image_size)
+    results["caption"] = accuracy(flags)
+    results["prompt_sensitivity"] = prompt_sensitivity(model, processor)
+    print("caption", results["caption"], "prompt sensitivity", results["prompt_sensitivity"]["ratio"], flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     return results

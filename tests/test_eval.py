@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "eval"))  # eval/ holds scripts, not a package
 import interleaved
 import judge
 import plot_nfe
+import quick_t2i
 import run
 import shapeeval
 import shapefd
@@ -201,3 +202,12 @@ def test_program_requests_accumulate_objects_and_relations():
     for p, scene in zip(progs, doc_scenes):
         last = [t for t in p["turns"] if t["expects_image"]][-1]
         assert interleaved.request_verdict(last["request"], judge_image(render(Scene.from_dict(scene), 32)))
+
+
+def test_quick_t2i_writes_accuracies_captions_and_prompt_sensitivity(tiny_export, tmp_path):
+    out = tmp_path / "quick.json"
+    results = quick_t2i.main(["--model", str(tiny_export), "--out", str(out), "--steps", "1", "--num", "2"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["single@1"]["n"] == 2 and results["two@1"]["n"] == 2 and results["caption"]["n"] == 2
+    assert 0.0 <= results["single@1"]["valid"] <= 1.0
+    assert results["prompt_sensitivity"]["ratio"] > 0  # an untrained model's image already moves with the prompt

@@ -147,13 +147,18 @@ def network_output(net, x_t: torch.Tensor, t, s, cond, config) -> torch.Tensor:
 
 def flow_map(net, x_t: torch.Tensor, t, s, cond, config) -> torch.Tensor:
     """f_{s,t}(x_t) (IMM Eq. (10)); returns exactly x_t for items with s == t."""
+    return _flow_map_and_output(net, x_t, t, s, cond, config)[0]
+
+
+def _flow_map_and_output(net, x_t: torch.Tensor, t, s, cond, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_{s,t}(x_t), G): the flow map and the network output it was built from."""
     t, s = _batch_times(t, x_t), _batch_times(s, x_t)
     g = network_output(net, x_t, t, s, cond, config)
     c_skip, c_out = flow_map_coefficients(s, t, config)
     out = expand_like(c_skip, x_t) * x_t + expand_like(c_out, g) * g
     # The boundary condition f_{t,t} = id holds exactly, whatever G is (even non-finite).
     same = (s == t).reshape(-1, *([1] * (x_t.ndim - 1)))  # (B, 1, ..., 1)
-    return torch.where(same, x_t, out)
+    return torch.where(same, x_t, out), g
 
 
 def compute_r(s, t, config) -> torch.Tensor:
@@ -355,10 +360,7 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
     x_r = interp.interpolate(x, noise, r_b)
 
     student_cond = _student_condition(cond, batch, config.p_uncond, generator, drop_cond, device)
-    g = network_output(net, x_t, t_b, s_b, student_cond, config)
-    c_skip, c_out = flow_map_coefficients(s_b, t_b, config)
-    student = expand_like(c_skip, x_t) * x_t + expand_like(c_out, g) * g  # f_{s,t}(x_t), as in flow_map
-    student = torch.where((s_b == t_b).reshape(-1, *([1] * (x_t.ndim - 1))), x_t, student)
+    student, g = _flow_map_and_output(net, x_t, t_b, s_b, student_cond, config)  # g: for the FM groups
     with torch.no_grad():
         target = flow_map(net, x_r, r_b, s_b, cond, config)
 

@@ -96,24 +96,37 @@ def prompt_sensitivity(model, processor, prompts=SENSITIVITY_PROMPTS, num_seeds:
             "num_prompts": len(prompts), "num_seeds": num_seeds, "num_steps": num_steps}
 
 
-def end_of_run_evaluation(model, processor, cfg) -> dict:
-    from mmgen.generation import caption_images, generate_images_for_prompts
+def t2i_scores(model, processor, prompts: list[tuple[str, dict]], *, num_steps: int, guidance: float = 1.0,
+               resolution: int = 32) -> list[dict]:
+    """`score_t2i` verdicts of one image per (user text, spec) prompt; prompt i uses seed i."""
+    from mmgen.generation import generate_images_for_prompts
 
+    images = generate_images_for_prompts(model, processor, [p for p, _ in prompts], num_steps=num_steps,
+                                         guidance=guidance, seeds=list(range(len(prompts))))
+    return [score_t2i(img, spec, resolution) for img, (_, spec) in zip(images, prompts)]
+
+
+def caption_scores(model, processor, split: str, n: int, resolution: int = 32) -> tuple[list[bool], list[str]]:
+    """Greedy captions of `n` fresh renders of `split` ("Describe the image."): (correct flags, captions)."""
+    from mmgen.generation import caption_images
+
+    pairs = caption_set(split, n, resolution=resolution)
+    captions = caption_images(model, processor, [img for img, _ in pairs], question="Describe the image.")
+    return [score_caption(text, scene)["correct"] for text, (_, scene) in zip(captions, pairs)], captions
+
+
+def end_of_run_evaluation(model, processor, cfg) -> dict:
     n, res = cfg.eval.num_samples, cfg.model.image_size
     results: dict = {"t2i": {}, "caption": {}, "num_samples": n, "test_seed": TEST_SEED,
                      "guidance": cfg.eval.guidance}
     for split in ("train", "heldout_combos"):
         for groups, name in ((1, "single"), (2, "two")):
             prompts = t2i_prompts(split, groups, n)
-            texts = [p for p, _ in prompts]
             for steps in cfg.eval.num_steps:
-                images = generate_images_for_prompts(model, processor, texts, num_steps=steps,
-                                                     guidance=cfg.eval.guidance, seeds=list(range(len(texts))))
-                flags = [score_t2i(img, spec, res)["overall"] for img, (_, spec) in zip(images, prompts)]
-                results["t2i"][f"{split}/{name}@{steps}"] = accuracy(flags)
-        pairs = caption_set(split, n, resolution=res)
-        captions = caption_images(model, processor, [img for img, _ in pairs], question="Describe the image.")
-        flags = [score_caption(text, scene)["correct"] for text, (_, scene) in zip(captions, pairs)]
+                scores = t2i_scores(model, processor, prompts, num_steps=steps, guidance=cfg.eval.guidance,
+                                    resolution=res)
+                results["t2i"][f"{split}/{name}@{steps}"] = accuracy([v["overall"] for v in scores])
+        flags, captions = caption_scores(model, processor, split, n, resolution=res)
         results["caption"][split] = {**accuracy(flags), "examples": captions[:5]}
     results["prompt_sensitivity"] = prompt_sensitivity(model, processor)
     results["summary"] = {key: round(v["accuracy"], 4) for key, v in results["t2i"].items()

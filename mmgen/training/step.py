@@ -47,22 +47,17 @@ def condition_ids(inputs: dict) -> torch.Tensor:
     show): e.g. every "<|user|><|boi|>" caption/VQA image, or two documents with the same prompt.
     IMM forms its particle groups from these ids (`imm_loss(group_ids=...)`)."""
     kind, ids, docs = inputs["token_kind"].cpu(), inputs["input_ids"].cpu(), inputs["document_ids"].cpu()
-    image_ids, prefix_end = inputs["image_ids"].cpu(), inputs["prefix_end"].cpu()
-    noisy = kind == TokenKind.IMAGE_NOISY
-    rows, cols = noisy.nonzero(as_tuple=True)
+    first_patch = (kind == TokenKind.IMAGE_NOISY) & (inputs["patch_ids"].cpu() == 0)  # one token per image
+    rows, cols = first_patch.nonzero(as_tuple=True)
+    image = inputs["image_ids"].cpu()[rows, cols]
+    end = inputs["prefix_end"].cpu()[rows, cols]
     keys: dict = {}
-    out: list[int] = []
-    first = {}
-    for b, c in zip(rows.tolist(), cols.tolist()):
-        first.setdefault(int(image_ids[b, c]), (b, int(prefix_end[b, c])))
-    for image in range(len(first)):
-        b, end = first[image]
-        in_doc = (docs[b, : end + 1] == docs[b, end]).nonzero(as_tuple=True)[0]
-        if bool((kind[b, in_doc] == TokenKind.IMAGE_CLEAN).any()):
-            key = ("unique", image)
-        else:
-            key = tuple(ids[b, in_doc].tolist())
-        out.append(keys.setdefault(key, len(keys)))
+    out = [0] * len(image)
+    for b, i, e in zip(rows.tolist(), image.tolist(), end.tolist()):
+        in_doc = (docs[b, : e + 1] == docs[b, e]).nonzero(as_tuple=True)[0]
+        has_image = bool((kind[b, in_doc] == TokenKind.IMAGE_CLEAN).any())
+        key = ("unique", i) if has_image else tuple(ids[b, in_doc].tolist())
+        out[i] = keys.setdefault(key, len(keys))
     return torch.tensor(out, dtype=torch.long)
 
 

@@ -295,8 +295,8 @@ def test_image_step_block_mask_equals_dense():
     P, N = 37, 9
     valid = torch.ones(3, P, dtype=torch.bool)
     valid[0, :4] = False
-    kw = dict(image_uncond=torch.tensor([False, True, False]), boi_position=torch.tensor([36, 20, 30]),
-              prefix_attention_mask=valid)
+    kw = {"image_uncond": torch.tensor([False, True, False]), "boi_position": torch.tensor([36, 20, 30]),
+              "prefix_attention_mask": valid}
     bm = build_image_step_block_mask(P, N, block_size=16, **kw)
     dense = create_mask(bm.mask_mod, 3, 1, N, P + N, device="cpu")
     assert torch.equal(dense, build_image_step_mask(P, N, dtype=torch.bool, **kw))
@@ -335,7 +335,7 @@ def test_flex_attention_forward_matches_sdpa_on_cached_image_step():
     from torch.nn.attention.flex_attention import flex_attention
 
     B, H, P, N, D = 2, 2, 21, 7, 8
-    kw = dict(image_uncond=torch.tensor([False, True]), boi_position=torch.tensor([20, 15]))
+    kw = {"image_uncond": torch.tensor([False, True]), "boi_position": torch.tensor([20, 15])}
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, H, N, D, generator=g)
     k, v = (torch.randn(B, H, P + N, D, generator=g) for _ in range(2))

@@ -395,3 +395,14 @@ def test_make_shards_shapes_round_trips_the_shapes_world(tmp_path):
                 assert a["image"].tobytes() == b["image"].tobytes()
         meta = {k: v for k, v in have["meta"].items() if k != "_wds"}
         assert meta == json.loads(json.dumps(want["meta"]))
+
+
+def test_make_shards_tasks_writes_only_those_document_kinds(tmp_path):
+    from mmgen.data.make_shards import main
+
+    main(["--source", "shapes", "--num-docs", "12", "--out", str(tmp_path), "--tasks", "t2i", "caption"])
+    got = read_all(WebDocuments(str(tmp_path / "train-*.tar"), resolution=32, shuffle=False))
+    assert len(got) == 12
+    assert {d["meta"]["task"] for d in got} <= {"t2i", "caption"}
+    with pytest.raises(ValueError, match="unknown task"):
+        main(["--source", "shapes", "--num-docs", "2", "--out", str(tmp_path / "bad"), "--tasks", "poem"])

@@ -108,10 +108,12 @@ def iter_jsonl_samples(path: str, image_root: str, skipped: Counter) -> Iterator
                 warnings.warn(f"{path}: line {line_number}: {problem}: {exn}; skipped", stacklevel=1)
 
 
-def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int) -> Iterator[dict]:
+def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int,
+                        tasks: list[str] | None = None) -> Iterator[dict]:
     from mmgen.data.shapes import iter_documents  # the shapes world (issue 4 §1)
 
-    for index, document in enumerate(iter_documents(num_docs, seed=seed, split=split, resolution=resolution)):
+    documents = iter_documents(num_docs, seed=seed, split=split, resolution=resolution, tasks=tasks)
+    for index, document in enumerate(documents):
         yield encode_document(document, f"{index:09d}")
 
 
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-docs", type=int, help="shapes: number of documents")
     parser.add_argument("--seed", type=int, default=0, help="shapes: world seed")
     parser.add_argument("--resolution", type=int, default=32, help="shapes: render size")
+    parser.add_argument("--tasks", nargs="+", help="shapes: only these document kinds (t2i caption vqa multiturn; "
+                        "default all, mixed by mmgen.data.shapes_docs.TASK_WEIGHTS)")
     parser.add_argument("--jsonl", help="jsonl: input file")
     parser.add_argument("--image-root", default=".", help="jsonl: directory image paths are relative to")
     args = parser.parse_args(argv)
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.source == "shapes":
         if args.num_docs is None:
             parser.error("--source shapes needs --num-docs")
-        samples = iter_shapes_samples(args.num_docs, args.seed, args.split, args.resolution)
+        samples = iter_shapes_samples(args.num_docs, args.seed, args.split, args.resolution, args.tasks)
         total = args.num_docs
     else:
         if args.jsonl is None:
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.source == "shapes":
         config = {k: v for k, v in config.items() if k not in ("jsonl", "image_root")}
     else:
-        config = {k: v for k, v in config.items() if k not in ("num_docs", "seed", "resolution")}
+        config = {k: v for k, v in config.items() if k not in ("num_docs", "seed", "resolution", "tasks")}
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": args.source,

@@ -168,8 +168,8 @@ def compute_r(s, t, config) -> torch.Tensor:
     """
     interp = get_interpolant(config.interpolant)
     s, t = as_time(s), as_time(t)
-    eta_min = interp.eta(config.eps)
-    step = (interp.eta(config.T) - eta_min) / 2.0**config.k
+    eta_min = float(interp.eta(config.eps))  # python floats: no device of their own (t may be on a GPU)
+    step = (float(interp.eta(config.T)) - eta_min) / 2.0**config.k
     # Clamp below at eta_min: OT-FM's eta^{-1}(e) = e / (1 + e) is not monotone for e < -1.
     r = interp.eta_inv(torch.clamp_min(interp.eta(t) - step, eta_min))
     return torch.maximum(s, torch.minimum(t - config.delta, r))

@@ -41,6 +41,8 @@ class EMA:
         d = self.current_decay()
         for name, p in model.named_parameters():
             if name in self.shadow:
+                if self.shadow[name].device != p.device:  # built before accelerate moved the model
+                    self.shadow[name] = self.shadow[name].to(p.device)
                 self.shadow[name].lerp_(p.detach().to(torch.float32), 1.0 - d)
         self.num_updates += 1
 
@@ -64,7 +66,7 @@ class EMA:
                         p.copy_(backup[name])
 
     def save(self, path: str | Path) -> None:
-        tensors = {name: t.contiguous() for name, t in self.shadow.items()}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.shadow.items()}
         save_file(tensors, str(path), metadata={"num_updates": str(self.num_updates), "decay": str(self.decay)})
 
     def load(self, path: str | Path) -> None:

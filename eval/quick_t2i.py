@@ -4,7 +4,7 @@
 
 Single-object and two-object prompts from the shapes grammar on the test seed
 (`mmgen.training.evaluate.t2i_prompts`), one image per prompt and seed i, scored by `score_t2i`
-(overall verdict and validity) with a 95% Wilson interval; greedy captions of `--num` train-combination
+(overall verdict, validity and the partial verdicts colours / shapes / counts / nothing_extra) with a 95% Wilson interval; greedy captions of `--num` train-combination
 renders; and `prompt_sensitivity` (0 = the image ignores the prompt). The ablation table of issue 5's
 closing note was made with this script. The full report is `eval/run.py`.
 """
@@ -16,6 +16,9 @@ import torch
 
 import mmgen  # noqa: F401  (registers the Auto classes)
 from mmgen.training.evaluate import accuracy, caption_scores, prompt_sensitivity, t2i_prompts, t2i_scores
+
+# the judge's partial verdicts: they move long before the exact one does
+VERDICTS = ("valid", "colours", "shapes", "counts", "nothing_extra")
 
 
 def main(argv=None) -> dict:
@@ -37,7 +40,7 @@ def main(argv=None) -> dict:
         for steps in args.steps:
             scores = t2i_scores(model, processor, prompts, num_steps=steps, resolution=processor.image_size)
             results[f"{name}@{steps}"] = {**accuracy([s["overall"] for s in scores]),
-                                          "valid": sum(s["valid"] for s in scores) / len(scores)}
+                                          **{k: sum(s[k] for s in scores) / len(scores) for k in VERDICTS}}
             print(name, steps, results[f"{name}@{steps}"], flush=True)
     flags, _ = caption_scores(model, processor, "train", args.num, resolution=processor.image_size)
     results["caption"] = accuracy(flags)

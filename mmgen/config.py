@@ -53,6 +53,18 @@ class DataSection:
     num_workers: int = 0
     loss_on: Literal["all", "assistant"] = "all"
     shuffle_buffer: int = 1000
+    # source=shapes: document kinds and their mix, NAME or NAME=WEIGHT (t2i, caption, vqa, multiturn);
+    # () = all four with mmgen.data.shapes_docs.TASK_WEIGHTS
+    tasks: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.tasks:
+            from mmgen.data.shapes_docs import parse_task_weights
+
+            try:
+                parse_task_weights(self.tasks)
+            except ValueError as err:
+                raise ConfigError(f"data.tasks: {err}") from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -406,3 +406,38 @@ def test_make_shards_tasks_writes_only_those_document_kinds(tmp_path):
     assert {d["meta"]["task"] for d in got} <= {"t2i", "caption"}
     with pytest.raises(ValueError, match="unknown task"):
         main(["--source", "shapes", "--num-docs", "2", "--out", str(tmp_path / "bad"), "--tasks", "poem"])
+
+
+def test_task_mix_changes_only_the_kinds_drawn_and_bad_mixes_name_the_task():
+    from mmgen.data.shapes_docs import TASK_WEIGHTS, make_document, parse_task_weights
+
+    assert parse_task_weights(None) == TASK_WEIGHTS
+    assert parse_task_weights(["t2i=3", "caption"]) == {"t2i": 3.0, "caption": TASK_WEIGHTS["caption"]}
+    default = [make_document(i, seed=0)["meta"]["task"] for i in range(200)]
+    assert default == [make_document(i, seed=0, tasks=list(TASK_WEIGHTS))["meta"]["task"] for i in range(200)]
+    heavy = [make_document(i, seed=0, tasks=["t2i=0.8", "caption=0.2"])["meta"]["task"] for i in range(200)]
+    assert set(heavy) == {"t2i", "caption"} and heavy.count("t2i") > 2 * default.count("t2i")
+    for bad, match in ((["poem"], "unknown task"), (["t2i=-1"], "must be > 0"), (["t2i=x"], "not a number")):
+        with pytest.raises(ValueError, match=match):
+            parse_task_weights(bad)
+
+
+def test_config_rejects_a_bad_task_mix_naming_the_key():
+    from mmgen.config import ConfigError, load_config
+
+    assert load_config(None, ["--data.tasks", "t2i=0.6,caption=0.4"]).data.tasks == ("t2i=0.6", "caption=0.4")
+    with pytest.raises(ConfigError, match="data.tasks"):
+        load_config(None, ["--data.tasks", "t2i,poem"])
+
+
+def test_shapes_shards_are_rebuilt_when_their_settings_change(tmp_path, capsys):
+    from mmgen.training.data import ensure_shapes_shards
+
+    ensure_shapes_shards(tmp_path, num_docs=6, resolution=32, seed=0, samples_per_shard=4)
+    first = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    ensure_shapes_shards(tmp_path, num_docs=6, resolution=32, seed=0, samples_per_shard=4)
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == first  # same settings: kept
+    ensure_shapes_shards(tmp_path, num_docs=5, resolution=32, seed=0, samples_per_shard=4, tasks=["t2i"])
+    assert "rebuilding" in capsys.readouterr().err
+    got = read_all(WebDocuments(str(tmp_path / "train-*.tar"), resolution=32, shuffle=False))
+    assert len(got) == 5 and {d["meta"]["task"] for d in got} == {"t2i"}

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-docs", type=int, help="shapes: number of documents")
     parser.add_argument("--seed", type=int, default=0, help="shapes: world seed")
     parser.add_argument("--resolution", type=int, default=32, help="shapes: render size")
-    parser.add_argument("--tasks", nargs="+", help="shapes: only these document kinds (t2i caption vqa multiturn; "
-                        "default all, mixed by mmgen.data.shapes_docs.TASK_WEIGHTS)")
+    parser.add_argument("--tasks", nargs="+", help="shapes: the document kinds and their mix, NAME or NAME=WEIGHT "
+                        "(t2i caption vqa multiturn; default all, mixed by mmgen.data.shapes_docs.TASK_WEIGHTS)")
     parser.add_argument("--jsonl", help="jsonl: input file")
     parser.add_argument("--image-root", default=".", help="jsonl: directory image paths are relative to")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ Document i depends only on (seed, split, i): any prefix of the stream is the sam
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from mmgen.data import grammar as G
 from mmgen.data.shapes import (
@@ -34,6 +34,33 @@ from mmgen.data.shapes import (
 
 TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "multiturn")
 TASK_WEIGHTS: dict[str, float] = {"t2i": 0.35, "caption": 0.2, "vqa": 0.3, "multiturn": 0.15}
+
+
+def parse_task_weights(items: Sequence[str] | Mapping[str, float] | None) -> dict[str, float]:
+    """Task mix from ``["t2i=0.6", "caption", ...]`` (a bare name keeps its ``TASK_WEIGHTS`` weight) or a
+    mapping; None or empty = every task with ``TASK_WEIGHTS``. Weights need not sum to 1."""
+    if not items:
+        return dict(TASK_WEIGHTS)
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+    else:
+        pairs = [
+            (item.split("=", 1)[0].strip(), item.split("=", 1)[1] if "=" in item else None) for item in items
+        ]
+    weights: dict[str, float] = {}
+    for name, weight in pairs:
+        if name not in TASK_WEIGHTS:
+            raise ValueError(f"unknown task(s) [{name!r}]; expected some of {TASKS}")
+        try:
+            w = TASK_WEIGHTS[name] if weight is None else float(weight)
+        except ValueError:
+            raise ValueError(f"task {name!r}: weight {weight!r} is not a number") from None
+        if not w > 0:
+            raise ValueError(f"task {name!r}: weight must be > 0, got {w}")
+        weights[name] = w
+    return weights
+
+
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 
 
@@ -222,17 +249,21 @@ def _merge_text(segments: list[dict]) -> list[dict]:
 
 
 def make_document(
-    index: int, *, seed: int, split: str = "train", resolution: int = 32, tasks: Sequence[str] | None = None
+    index: int,
+    *,
+    seed: int,
+    split: str = "train",
+    resolution: int = 32,
+    tasks: Sequence[str] | Mapping[str, float] | None = None,
 ) -> dict:
-    """Document number `index` of the stream (seed, split): the same whatever else is drawn."""
+    """Document number `index` of the stream (seed, split): the same whatever else is drawn.
+
+    `tasks`: the document kinds and their mix (see `parse_task_weights`; default `TASK_WEIGHTS`)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    tasks = tuple(tasks) if tasks else TASKS
-    unknown = [t for t in tasks if t not in _BUILDERS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; expected some of {TASKS}")
+    weights = parse_task_weights(tasks)
     rng = random.Random(f"mmgen-shapes/{seed}/{split}/{index}")
-    task = rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]
+    task = rng.choices(list(weights), weights=list(weights.values()))[0]
     segments, meta = _BUILDERS[task](rng, split, resolution)
     meta = {"task": task, "split": split, "index": index, "seed": seed, "resolution": resolution, **meta}
     return {"segments": _merge_text(segments), "meta": meta}
@@ -244,7 +275,7 @@ def iter_documents(
     seed: int,
     split: str = "train",
     resolution: int = 32,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[str] | Mapping[str, float] | None = None,
     start: int = 0,
 ) -> Iterator[dict]:
     """Documents start .. start+num_docs-1 of the deterministic stream (endless if num_docs is None)."""

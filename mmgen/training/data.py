@@ -14,6 +14,8 @@ guarantee in `mmgen/data/webdata.py`).
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,16 +27,28 @@ from mmgen.data.webdata import WebDocuments
 
 
 def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int, seed: int,
-                         samples_per_shard: int = 1000) -> Path:
-    """Write the shapes-world training shards once (skipped when the manifest exists)."""
+                         samples_per_shard: int = 1000, tasks: tuple[str, ...] | list[str] = ()) -> Path:
+    """Write the shapes-world training shards once: kept when the manifest says they were made with the
+    same settings, rebuilt (with a message) when it says otherwise. `tasks`: see `make_shards --tasks`."""
     from mmgen.data import make_shards
 
     out = Path(out_dir)
-    if (out / "train-manifest.json").is_file():
-        return out
+    manifest = out / "train-manifest.json"
+    want = {"num_docs": num_docs, "seed": seed, "resolution": resolution, "samples_per_shard": samples_per_shard,
+            "tasks": list(tasks) or None}  # fmt: skip
+    if manifest.is_file():
+        have = json.loads(manifest.read_text()).get("config", {})
+        changed = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if not changed:
+            return out
+        print(f"{out}: shards were made with other settings {changed} (was, now); rebuilding", file=sys.stderr)
+        manifest.unlink()
+        for shard in out.glob("train-*.tar"):
+            shard.unlink()
     make_shards.main([
         "--source", "shapes", "--num-docs", str(num_docs), "--out", str(out), "--split", "train",
         "--seed", str(seed), "--resolution", str(resolution), "--samples-per-shard", str(samples_per_shard),
+        *(["--tasks", *tasks] if tasks else []),
     ])  # fmt: skip
     return out
 

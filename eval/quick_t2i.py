@@ -15,10 +15,14 @@ import json
 import torch
 
 import mmgen  # noqa: F401  (registers the Auto classes)
-from mmgen.training.evaluate import accuracy, caption_scores, prompt_sensitivity, t2i_prompts, t2i_scores
-
-# the judge's partial verdicts: they move long before the exact one does
-VERDICTS = ("valid", "colours", "shapes", "counts", "nothing_extra")
+from mmgen.training.evaluate import (
+    PARTIAL_VERDICTS,
+    accuracy,
+    caption_scores,
+    prompt_sensitivity,
+    t2i_prompts,
+    t2i_scores,
+)
 
 
 def main(argv=None) -> dict:
@@ -40,7 +44,7 @@ def main(argv=None) -> dict:
         for steps in args.steps:
             scores = t2i_scores(model, processor, prompts, num_steps=steps, resolution=processor.image_size)
             results[f"{name}@{steps}"] = {**accuracy([s["overall"] for s in scores]),
-                                          **{k: sum(s[k] for s in scores) / len(scores) for k in VERDICTS}}
+                                          **{k: sum(s[k] for s in scores) / len(scores) for k in PARTIAL_VERDICTS}}
             print(name, steps, results[f"{name}@{steps}"], flush=True)
     flags, _ = caption_scores(model, processor, "train", args.num, resolution=processor.image_size)
     results["caption"] = accuracy(flags)

@@ -60,6 +60,7 @@ def test_overrides_are_typed():
     assert config.run.name == "x"
     assert config.eval.num_steps == (1, 2)
     assert config.model.num_kv_heads is None
+    assert load_config(None, ["--eval.num_steps", "4"]).eval.num_steps == (4,)  # one number, one-element list
 
 
 @pytest.mark.parametrize(

@@ -232,3 +232,21 @@ def test_gpu_summary_collects_curves_evaluations_and_unfinished_runs(tmp_path):
     assert out["imm_30"]["last"]["step"] == 20 and [c["step"] for c in out["imm_30"]["curve"]] == [5, 10, 15, 20]
     assert json.loads((tmp_path / "r.json").read_text()) == out
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_end_of_run_evaluation_reports_partial_verdicts_and_the_model_card_shows_them(tiny_export):
+    from transformers import AutoModel, AutoProcessor
+
+    from mmgen.config import load_config
+    from mmgen.training.evaluate import PARTIAL_VERDICTS, end_of_run_evaluation
+    from mmgen.training.export import _metrics_table
+
+    model = AutoModel.from_pretrained(tiny_export).eval()
+    processor = AutoProcessor.from_pretrained(tiny_export)
+    cfg = load_config(None, ["--eval.num_samples", "2", "--eval.num_steps", "1", "--model.image_size",
+                             str(processor.image_size)])  # fmt: skip
+    metrics = end_of_run_evaluation(model, processor, cfg)
+    cell = metrics["t2i"]["train/single@1"]
+    assert cell["n"] == 2 and set(cell["partial"]) == set(PARTIAL_VERDICTS)
+    assert all(0.0 <= x <= 1.0 for x in cell["partial"].values())
+    assert "nothing_extra" in _metrics_table(metrics) and "train/single@1" in metrics["summary"]

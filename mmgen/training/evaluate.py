@@ -96,6 +96,10 @@ def prompt_sensitivity(model, processor, prompts=SENSITIVITY_PROMPTS, num_seeds:
             "num_prompts": len(prompts), "num_seeds": num_seeds, "num_steps": num_steps}
 
 
+# The judge's partial verdicts of a text->image sample: they move long before the exact one does.
+PARTIAL_VERDICTS = ("valid", "colours", "shapes", "counts", "nothing_extra")
+
+
 def t2i_scores(model, processor, prompts: list[tuple[str, dict]], *, num_steps: int, guidance: float = 1.0,
                resolution: int = 32) -> list[dict]:
     """`score_t2i` verdicts of one image per (user text, spec) prompt; prompt i uses seed i."""
@@ -125,7 +129,10 @@ def end_of_run_evaluation(model, processor, cfg) -> dict:
             for steps in cfg.eval.num_steps:
                 scores = t2i_scores(model, processor, prompts, num_steps=steps, guidance=cfg.eval.guidance,
                                     resolution=res)
-                results["t2i"][f"{split}/{name}@{steps}"] = accuracy([v["overall"] for v in scores])
+                results["t2i"][f"{split}/{name}@{steps}"] = {
+                    **accuracy([v["overall"] for v in scores]),
+                    "partial": {k: sum(v[k] for v in scores) / len(scores) for k in PARTIAL_VERDICTS},
+                }
         flags, captions = caption_scores(model, processor, split, n, resolution=res)
         results["caption"][split] = {**accuracy(flags), "examples": captions[:5]}
     results["prompt_sensitivity"] = prompt_sensitivity(model, processor)

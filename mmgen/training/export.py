@@ -42,11 +42,12 @@ VAE latents, sampled in {steps} steps).
 def _metrics_table(metrics: dict) -> str:
     if not metrics:
         return "(no evaluation was run)"
-    lines = ["| metric | accuracy | n | 95% CI |", "|---|---|---|---|"]
+    lines = ["| metric | accuracy | n | 95% CI | partial verdicts |", "|---|---|---|---|---|"]
     for group in ("t2i", "caption"):
         for key, v in metrics.get(group, {}).items():
             lo, hi = v["ci95"]
-            lines.append(f"| {group} {key} | {v['accuracy']:.3f} | {v['n']} | [{lo:.3f}, {hi:.3f}] |")
+            partial = " ".join(f"{k} {x:.2f}" for k, x in v.get("partial", {}).items())
+            lines.append(f"| {group} {key} | {v['accuracy']:.3f} | {v['n']} | [{lo:.3f}, {hi:.3f}] | {partial} |")
     if "prompt_sensitivity" in metrics:
         ps = metrics["prompt_sensitivity"]
         lines.append(f"\nPrompt sensitivity (one-step latents, distance between prompts / between seeds; "

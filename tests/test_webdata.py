@@ -441,3 +441,7 @@ def test_shapes_shards_are_rebuilt_when_their_settings_change(tmp_path, capsys):
     assert "rebuilding" in capsys.readouterr().err
     got = read_all(WebDocuments(str(tmp_path / "train-*.tar"), resolution=32, shuffle=False))
     assert len(got) == 5 and {d["meta"]["task"] for d in got} == {"t2i"}
+    (tmp_path / "train-manifest.json").unlink()  # an interrupted build: no manifest, a stray shard
+    (tmp_path / "train-000009.tar").write_bytes(b"partial")
+    ensure_shapes_shards(tmp_path, num_docs=5, resolution=32, seed=0, samples_per_shard=4, tasks=["t2i"])
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]

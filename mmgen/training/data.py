@@ -43,8 +43,8 @@ def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int,
             return out
         print(f"{out}: shards were made with other settings {changed} (was, now); rebuilding", file=sys.stderr)
         manifest.unlink()
-        for shard in out.glob("train-*.tar"):
-            shard.unlink()
+    for shard in out.glob("train-*.tar"):  # of other settings, or of a build that was interrupted
+        shard.unlink()
     make_shards.main([
         "--source", "shapes", "--num-docs", str(num_docs), "--out", str(out), "--split", "train",
         "--seed", str(seed), "--resolution", str(resolution), "--samples-per-shard", str(samples_per_shard),

@@ -100,6 +100,11 @@ def prompt_sensitivity(model, processor, prompts=SENSITIVITY_PROMPTS, num_seeds:
 PARTIAL_VERDICTS = ("valid", "colours", "shapes", "counts", "nothing_extra")
 
 
+def partial_rates(scores: list[dict]) -> dict[str, float]:
+    """Share of `score_t2i` verdicts that pass each of `PARTIAL_VERDICTS`."""
+    return {k: sum(v[k] for v in scores) / len(scores) for k in PARTIAL_VERDICTS}
+
+
 def t2i_scores(model, processor, prompts: list[tuple[str, dict]], *, num_steps: int, guidance: float = 1.0,
                resolution: int = 32) -> list[dict]:
     """`score_t2i` verdicts of one image per (user text, spec) prompt; prompt i uses seed i."""
@@ -131,7 +136,7 @@ def end_of_run_evaluation(model, processor, cfg) -> dict:
                                     resolution=res)
                 results["t2i"][f"{split}/{name}@{steps}"] = {
                     **accuracy([v["overall"] for v in scores]),
-                    "partial": {k: sum(v[k] for v in scores) / len(scores) for k in PARTIAL_VERDICTS},
+                    "partial": partial_rates(scores),
                 }
         flags, captions = caption_scores(model, processor, split, n, resolution=res)
         results["caption"][split] = {**accuracy(flags), "examples": captions[:5]}

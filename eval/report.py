@@ -93,6 +93,10 @@ def speed_table(results: dict) -> list[str]:
         p = results["perplexity"]
         lines += [(f"### Text: perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens "
                   f"({p['documents']} documents)"), ""]
+        if "assistant" in p:  # results written before the split have the all-token number only
+            a = p["assistant"]
+            lines += [(f"Assistant turns only (what `data.loss_on: assistant` trains): perplexity "
+                       f"{a['perplexity']:.3f} on {a['tokens']} tokens; the number above includes the user's turns."), ""]
     s = results.get("speed")
     if not s:
         return lines

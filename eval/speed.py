@@ -93,25 +93,31 @@ def image_latency(model, *, prefix: int = 256, steps=(1, 2, 4, 8), guidance: flo
 
 @torch.no_grad()
 def perplexity(model, processor, *, num_docs: int = 64, seq_len: int = 512, batch_rows: int = 8) -> dict:
-    """Perplexity of held-out shapes text (caption, VQA and multi-turn documents of split "heldout")."""
+    """Perplexity of held-out shapes text (caption, VQA and multi-turn documents of split "heldout").
+
+    Top-level numbers are over every text token (user turns included); ``assistant`` holds the same over
+    the assistant's tokens only, the part a model trained with ``data.loss_on: assistant`` learns to write.
+    """
     cfg = model.config
     device = model.get_input_embeddings().weight.device
-    packing = PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.image_size,
-                            num_noisy_copies=0)  # fmt: skip
     docs = list(iter_documents(num_docs, seed=TEST_SEED + 6, split="heldout", tasks=["caption", "vqa", "multiturn"],
                                resolution=cfg.image_size))  # fmt: skip
-    nll, count = 0.0, 0
-    for start in range(0, len(docs), batch_rows):
-        batch = collate_documents(docs[start : start + batch_rows], processor.tokenizer, packing)
-        keys = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids", "prefix_end")
-        inputs = {k: batch[k].to(device) for k in keys}
-        latents = model.vae.encode(batch["images"].float().to(device)) if batch["images"].shape[0] else None
-        logits = model(**inputs, clean_latents=latents).logits.float()  # (B, L, V)
-        labels = batch["labels"].to(device)[:, 1:]  # UNshifted labels: token i+1 is predicted at i
-        mask = labels != -100
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-        nll -= float(picked[mask].sum())
-        count += int(mask.sum())
-    return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
-            "documents": len(docs), "split": "heldout"}  # fmt: skip
+    sums = {}
+    for text_loss in ("all", "assistant"):
+        packing = PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.image_size,
+                                num_noisy_copies=0, text_loss=text_loss)  # fmt: skip
+        nll, count = 0.0, 0
+        for start in range(0, len(docs), batch_rows):
+            batch = collate_documents(docs[start : start + batch_rows], processor.tokenizer, packing)
+            keys = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids", "prefix_end")
+            inputs = {k: batch[k].to(device) for k in keys}
+            latents = model.vae.encode(batch["images"].float().to(device)) if batch["images"].shape[0] else None
+            logits = model(**inputs, clean_latents=latents).logits.float()  # (B, L, V)
+            labels = batch["labels"].to(device)[:, 1:]  # UNshifted labels: token i+1 is predicted at i
+            mask = labels != -100
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            picked = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+            nll -= float(picked[mask].sum())
+            count += int(mask.sum())
+        sums[text_loss] = {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count}
+    return {**sums["all"], "assistant": sums["assistant"], "documents": len(docs), "split": "heldout"}

@@ -1,6 +1,6 @@
 """Quick check of an export: text->image exact accuracy per step count, captions, prompt sensitivity.
 
-    python eval/quick_t2i.py --model runs/default/final --out runs/quick_t2i.json [--steps 1 4] [--num 40]
+    python eval/quick_t2i.py --model runs/default/final --out runs/quick_t2i.json [--steps 1 4] [--num 40] [--guidance 3]
 
 Single-object and two-object prompts from the shapes grammar on the test seed
 (`mmgen.training.evaluate.t2i_prompts`), one image per prompt and seed i, scored by `score_t2i`
@@ -35,6 +35,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--num", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = AutoModel.from_pretrained(args.model).eval()
@@ -43,7 +44,8 @@ def main(argv=None) -> dict:
     for groups, name in ((1, "single"), (2, "two")):
         prompts = t2i_prompts("train", groups, args.num)
         for steps in args.steps:
-            scores = t2i_scores(model, processor, prompts, num_steps=steps, resolution=processor.image_size)
+            scores = t2i_scores(model, processor, prompts, num_steps=steps, guidance=args.guidance,
+                                resolution=processor.image_size)
             results[f"{name}@{steps}"] = {**accuracy([s["overall"] for s in scores]), **partial_rates(scores)}
             print(name, steps, results[f"{name}@{steps}"], flush=True)
     flags, _ = caption_scores(model, processor, "train", args.num, resolution=processor.image_size)

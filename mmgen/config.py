@@ -90,6 +90,7 @@ class ObjectiveSection:
     parameterization: Literal["euler_fm", "simple_edm"] = "euler_fm"
     time_input: Literal["stride", "identity"] = "stride"
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow matching only
+    time_shift: float = 1.0  # SD3 timestep shift of training times and the sampling grid; > 1 = toward noise
 
 
 @dataclass(frozen=True, kw_only=True)

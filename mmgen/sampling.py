@@ -26,7 +26,7 @@ from itertools import pairwise
 import torch
 
 from mmgen.objectives.imm import flow_map_coefficients, network_output
-from mmgen.objectives.interpolants import as_time, expand_like, get_interpolant
+from mmgen.objectives.interpolants import as_time, expand_like, get_interpolant, shift_time
 
 __all__ = ["SAMPLERS", "euler", "initial_noise", "pushforward", "restart", "sample", "time_grid"]
 
@@ -54,11 +54,18 @@ def initial_noise(shape, generator=None, sigma_data: float = 0.5, *, dtype=torch
 
 
 def time_grid(num_steps: int, config, times=None) -> torch.Tensor:
-    """The float64 grid t_0 > ... > t_N: uniform from config.T to config.eps, or ``times``."""
+    """The float64 grid t_0 > ... > t_N from config.T to config.eps, or ``times``.
+
+    Uniform in u, mapped through the objective's ``time_shift`` (SD3's shift; 1 = uniform in t).
+    """
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     if times is None:
-        return torch.linspace(config.T, config.eps, num_steps + 1, dtype=torch.float64)
+        shift = getattr(config, "time_shift", 1.0)
+        if shift == 1.0:
+            return torch.linspace(config.T, config.eps, num_steps + 1, dtype=torch.float64)
+        u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        return config.eps + (config.T - config.eps) * shift_time(u, shift)
     grid = as_time(times).cpu()
     if grid.ndim != 1 or grid.shape[0] != num_steps + 1:
         raise ValueError(

@@ -115,3 +115,16 @@ def test_deepspeed_configs_validate(path):
     assert "optimizer" not in raw and "scheduler" not in raw
     if ds.zero_optimization_stage == 3:
         assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("objective", ["imm", "flow_matching"])
+def test_time_shift_reaches_the_objective_the_model_samples_with(objective):
+    """`objective.time_shift` goes into the exported model config, so generation uses the same grid."""
+    from mmgen.configuration_mmgen import MMGenConfig
+    from mmgen.training.build import objective_params
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["--objective.name", objective, "--objective.time_shift", "3"])
+    params = objective_params(cfg)
+    assert params["time_shift"] == 3.0
+    model_config = MMGenConfig(objective=objective, objective_params=params)
+    assert model_config.objective_config().time_shift == 3.0

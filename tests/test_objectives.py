@@ -410,3 +410,19 @@ def test_flow_matching_groups_need_the_euler_parameterisation():
         IMMConfig(fm_fraction=0.5, parameterization="simple_edm", interpolant="cosine")
     with pytest.raises(ValueError, match="fm_fraction"):
         IMMConfig(fm_fraction=1.5)
+
+
+@pytest.mark.parametrize("objective", ["imm", "flow_matching"])
+def test_time_shift_moves_training_times_toward_noise(objective):
+    """SD3's shift (arXiv 2403.03206): shift 3 maps the median u = 0.5 to t = 0.75; shift 1 is the paper's."""
+    times = {}
+    for shift in (1.0, 3.0):
+        loss_fn, config = get_objective(objective, time_shift=shift, **({"num_particles": 2} if objective == "imm" else {}))
+        net = RecordingNet(6)
+        loss, _ = loss_fn(net, _batch(b=512), generator=torch.Generator().manual_seed(0))
+        times[shift] = net.calls[0]["t_in"].double() / 1000
+        assert torch.isfinite(loss) and (times[shift] >= 0).all() and (times[shift] <= config.T).all()
+    assert abs(times[1.0].median().item() - 0.5) < 0.08
+    assert abs(times[3.0].median().item() - 0.75) < 0.08
+    with pytest.raises(ValueError, match="time_shift"):
+        get_objective(objective, time_shift=0.0)

@@ -222,3 +222,21 @@ def test_sample_dispatches_by_objective_name():
     assert rs.shape == noise.shape
     with pytest.raises(ValueError, match="objective_name"):
         sample(_linear_net, noise, objective_name="gan", num_steps=1, config=IMMConfig())
+
+
+def test_time_shift_puts_the_default_grid_steps_near_noise():
+    """The sampling grid follows the objective's time_shift: shift 3, 4 steps -> t = T, .9 T, .75 T, .5 T, 0."""
+    seen = []
+
+    def net(x_in, t_in, s_in, cond):
+        seen.append(t_in[0].item() / 1000)
+        return torch.zeros_like(x_in)
+
+    config = IMMConfig(time_shift=3.0)
+    pushforward(net, torch.zeros(2, 2), num_steps=4, config=config)
+    torch.testing.assert_close(torch.tensor(seen, dtype=F64), config.T * torch.tensor([1, 0.9, 0.75, 0.5], dtype=F64),
+                               rtol=0, atol=1e-5)
+    seen.clear()
+    pushforward(net, torch.zeros(2, 2), num_steps=4, config=IMMConfig())
+    torch.testing.assert_close(torch.tensor(seen, dtype=F64), 0.994 * torch.tensor([1, 0.75, 0.5, 0.25], dtype=F64),
+                               rtol=0, atol=1e-5)

@@ -11,7 +11,8 @@ sampled with ``mmgen.sampling.euler``. The regression is on G, i.e. on the veloc
 units of sigma_d:  loss = mean || G - (eps - x) / sigma_d ||^2.
 
 Times: t ~ U(0, 1) ("uniform") or t = sigmoid(n), n ~ N(logit_mean, logit_std^2)
-("logit_normal"; Esser et al., SD3, arXiv 2403.03206, Sec. 3.1).
+("logit_normal"; Esser et al., SD3, arXiv 2403.03206, Sec. 3.1), then SD3's timestep shift
+t -> shift t / (1 + (shift - 1) t) when ``time_shift`` != 1.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .imm import _student_condition, draw, network_output
-from .interpolants import get_interpolant
+from .interpolants import get_interpolant, shift_time
 
 __all__ = ["FlowMatchingConfig", "flow_matching_loss", "sample_fm_times"]
 
@@ -43,6 +44,7 @@ class FlowMatchingConfig:
     logit_std: float = 1.0
     time_input: str = "stride"
     p_uncond: float = 0.0
+    time_shift: float = 1.0  # SD3's timestep shift of the training times and the Euler grid (1 = none)
     T: float = 1.0
     eps: float = 0.0
     interpolant: str = "ot_fm"
@@ -55,8 +57,8 @@ class FlowMatchingConfig:
             raise ValueError(f"time_input must be 'stride' or 'identity', got {self.time_input!r}")
         if self.interpolant != "ot_fm" or self.parameterization != "euler_fm":
             raise ValueError("flow matching supports only interpolant 'ot_fm' with 'euler_fm'")
-        if self.sigma_data <= 0 or self.logit_std <= 0:
-            raise ValueError("sigma_data and logit_std must be > 0")
+        if self.sigma_data <= 0 or self.logit_std <= 0 or not self.time_shift > 0:
+            raise ValueError("sigma_data, logit_std and time_shift must be > 0")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
         if not 0.0 <= self.eps < self.T <= 1.0:
@@ -64,11 +66,13 @@ class FlowMatchingConfig:
 
 
 def sample_fm_times(batch: int, config: FlowMatchingConfig, generator=None, device=None):
-    """Training times t in (0, 1), float64 (B,)."""
+    """Training times t in (0, 1), float64 (B,), then shifted by ``time_shift``."""
     if config.time_sampling == "uniform":
-        return draw(torch.rand, (batch,), generator, device, torch.float64)
-    n = draw(torch.randn, (batch,), generator, device, torch.float64)
-    return torch.sigmoid(config.logit_mean + config.logit_std * n)
+        u = draw(torch.rand, (batch,), generator, device, torch.float64)
+    else:
+        n = draw(torch.randn, (batch,), generator, device, torch.float64)
+        u = torch.sigmoid(config.logit_mean + config.logit_std * n)
+    return shift_time(u, config.time_shift)
 
 
 def flow_matching_loss(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .interpolants import as_time, expand_like, get_interpolant
+from .interpolants import as_time, expand_like, get_interpolant, shift_time
 
 __all__ = [
     "IMMConfig",
@@ -71,6 +71,9 @@ class IMMConfig:
     # regression on the data instead of MMD; weighted by fm_weight. 0 = pure IMM (the paper).
     fm_fraction: float = 0.0
     fm_weight: float = 1.0
+    # Timestep shift (SD3, arXiv 2403.03206): t = eps + (T - eps) shift_time(u, time_shift), u ~ U(0, 1),
+    # for training times and the sampler's default grid alike. 1 = the paper's uniform t.
+    time_shift: float = 1.0
 
     def __post_init__(self):
         get_interpolant(self.interpolant)  # validates the name
@@ -94,6 +97,8 @@ class IMMConfig:
             raise ValueError(f"need 0 <= fm_fraction <= 1 and fm_weight >= 0, got {self.fm_fraction}, {self.fm_weight}")
         if self.fm_fraction > 0 and self.parameterization != "euler_fm":
             raise ValueError("fm_fraction > 0 needs parameterization 'euler_fm' (sigma_d G is the velocity there)")
+        if not self.time_shift > 0:
+            raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
         if self.k < 0 or self.delta < 0:
             raise ValueError(f"k and delta must be >= 0, got k={self.k}, delta={self.delta}")
 
@@ -238,9 +243,9 @@ def draw(fn, shape, generator, device, dtype=torch.float32) -> torch.Tensor:
 
 
 def _sample_group_times(num_groups: int, config: IMMConfig, generator, device):
-    """t ~ U(eps, T), s ~ U(eps, t), r = r(s, t) per group, float64 (IMM Alg. 1)."""
+    """t ~ U(eps, T) (shifted by ``time_shift``), s ~ U(eps, t), r = r(s, t) per group, float64 (IMM Alg. 1)."""
     u = draw(torch.rand, (2, num_groups), generator, device, torch.float64)
-    t = config.eps + (config.T - config.eps) * u[0]
+    t = config.eps + (config.T - config.eps) * shift_time(u[0], config.time_shift)
     s = config.eps + (t - config.eps) * u[1]
     return t, s, compute_r(s, t, config)
 

@@ -20,12 +20,22 @@ import math
 
 import torch
 
-__all__ = ["OTFM", "Cosine", "Interpolant", "as_time", "expand_like", "get_interpolant"]
+__all__ = ["OTFM", "Cosine", "Interpolant", "as_time", "expand_like", "get_interpolant", "shift_time"]
 
 
 def as_time(t, device=None) -> torch.Tensor:
     """Return ``t`` (float, sequence or tensor) as a float64 tensor on ``device``."""
     return torch.as_tensor(t, dtype=torch.float64, device=device)
+
+
+def shift_time(u, shift: float) -> torch.Tensor:
+    """Map u in [0, 1] to shift u / (1 + (shift - 1) u): the timestep shift of SD3 (Esser et al. 2024,
+    arXiv 2403.03206, Eq. (23)). shift > 1 moves times toward the noise end (t = 1), where the layout
+    and the colours of an image are decided; the map fixes 0 and 1 and keeps the order. Float64."""
+    u = as_time(u)
+    if shift == 1.0:
+        return u
+    return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 def expand_like(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ from mmgen.tokenization import load_tokenizer
 from mmgen.vae import MMGenVAE
 
 IMM_KEYS = ("num_particles", "k", "a", "b", "T", "eps", "delta", "parameterization", "time_input", "p_uncond",
-            "fm_fraction", "fm_weight")
-FM_KEYS = ("time_sampling", "time_input", "p_uncond")
+            "fm_fraction", "fm_weight", "time_shift")
+FM_KEYS = ("time_sampling", "time_input", "p_uncond", "time_shift")
 
 
 def load_run_vae(name_or_path: str, sigma_data: float) -> MMGenVAE:

@@ -36,6 +36,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--sampler", choices=["pushforward", "euler", "restart"], default=None,
+                        help="default: the model's objective's own (IMM: pushforward, flow matching: euler)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = AutoModel.from_pretrained(args.model).eval()
@@ -45,7 +47,7 @@ def main(argv=None) -> dict:
         prompts = t2i_prompts("train", groups, args.num)
         for steps in args.steps:
             scores = t2i_scores(model, processor, prompts, num_steps=steps, guidance=args.guidance,
-                                resolution=processor.image_size)
+                                resolution=processor.image_size, sampler=args.sampler)
             results[f"{name}@{steps}"] = {**accuracy([s["overall"] for s in scores]), **partial_rates(scores)}
             print(name, steps, results[f"{name}@{steps}"], flush=True)
     flags, _ = caption_scores(model, processor, "train", args.num, resolution=processor.image_size)

@@ -648,11 +648,13 @@ def generate_images_for_prompts(
     seeds: Sequence[int] | None = None,
     batch_size: int | None = 32,
     return_latents: bool = False,
+    sampler: str | None = None,
 ):
     """Text -> image: each prompt as a t2i chat turn, a forced <|boi|>, N flow-map steps; list of PIL images.
 
     Batched over prompts with left padding; image i depends only on (prompt i, seeds[i]) (default seed i).
-    With `return_latents`, returns (images, latents (n, C, h, w)).
+    With `return_latents`, returns (images, latents (n, C, h, w)). `sampler` as in `generate_image`
+    (None: the objective's own; "euler" integrates an IMM model's s = t velocity instead).
     """
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
@@ -675,6 +677,7 @@ def generate_images_for_prompts(
             num_steps=num_steps,
             guidance=guidance,
             generators=[torch.Generator().manual_seed(int(seeds[i])) for i in chunk],
+            sampler=sampler,
         )
         images += decode_latents(model, lat)
         latents.append(lat.cpu())

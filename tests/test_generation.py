@@ -181,6 +181,28 @@ def test_t2i_image_depends_only_on_its_prompt_and_seed(model, processor):
 
 
 @torch.no_grad()
+def test_t2i_sampler_choice_reaches_the_sampler(model, processor, monkeypatch):
+    """`sampler="euler"` integrates an IMM model's s = t velocity: G is called with stride 0 at every step."""
+    strides = []
+    real = G.sample
+
+    def spy(net, *args, **kwargs):
+        def logged(x, t_in, s_in, cond):
+            strides.append(float(s_in.abs().max()))
+            return net(x, t_in, s_in, cond)
+
+        return real(logged, *args, **kwargs)
+
+    monkeypatch.setattr(G, "sample", spy)
+    assert model.config.objective == "imm"
+    G.generate_images_for_prompts(model, processor, ["Draw a red circle."], num_steps=3, seeds=[0])
+    assert len(strides) == 3 and min(strides) > 0  # pushforward jumps: stride 1000 (t - s) > 0
+    strides.clear()
+    G.generate_images_for_prompts(model, processor, ["Draw a red circle."], num_steps=3, seeds=[0], sampler="euler")
+    assert strides == [0.0, 0.0, 0.0]
+
+
+@torch.no_grad()
 def test_mixed_mode_batch_rows_equal_their_solo_runs(model, processor):
     """Row 0 draws (guidance 2, 2 steps) while row 1 samples text and row 2 answers about an image."""
     convs = [

@@ -106,12 +106,12 @@ def partial_rates(scores: list[dict]) -> dict[str, float]:
 
 
 def t2i_scores(model, processor, prompts: list[tuple[str, dict]], *, num_steps: int, guidance: float = 1.0,
-               resolution: int = 32) -> list[dict]:
+               resolution: int = 32, sampler: str | None = None) -> list[dict]:
     """`score_t2i` verdicts of one image per (user text, spec) prompt; prompt i uses seed i."""
     from mmgen.generation import generate_images_for_prompts
 
     images = generate_images_for_prompts(model, processor, [p for p, _ in prompts], num_steps=num_steps,
-                                         guidance=guidance, seeds=list(range(len(prompts))))
+                                         guidance=guidance, seeds=list(range(len(prompts))), sampler=sampler)
     return [score_t2i(img, spec, resolution) for img, (_, spec) in zip(images, prompts)]
 
 

@@ -51,6 +51,7 @@ class DataSection:
     seq_len: int = 256
     batch_size: int = 16  # rows per process per micro-step
     num_workers: int = 0
+    prefetch: int = 2  # batches packed ahead by a background thread while the model computes (0 = off)
     loss_on: Literal["all", "assistant"] = "all"
     shuffle_buffer: int = 1000
     # source=shapes: document kinds and their mix, NAME or NAME=WEIGHT (t2i, caption, vqa, multiturn);
@@ -58,6 +59,8 @@ class DataSection:
     tasks: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.prefetch < 0 or self.num_workers < 0:
+            raise ConfigError(f"data.prefetch and data.num_workers must be >= 0, got {self.prefetch}, {self.num_workers}")
         if self.tasks:
             from mmgen.data.shapes_docs import parse_task_weights
 

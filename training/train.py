@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     packing = PackingConfig(seq_len=cfg.data.seq_len, num_image_tokens=num_image_tokens,
                             image_size=cfg.model.image_size, num_noisy_copies=1, text_loss=cfg.data.loss_on)
     stream = TrainStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
-                         num_workers=cfg.data.num_workers)
+                         num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout
     step = 0
     resume = checkpointing.find_latest(run_dir) if cfg.run.resume == "auto" else (
@@ -175,6 +175,7 @@ def main(argv=None) -> None:
         if os.environ.get("MMGEN_TEST_KILL_AT_STEP") == str(step):  # tests: SIGKILL mid-run, then resume
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
+    stream.close()
     (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
     (run_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world": world, "shards_read": stream.shards_read, "data": stream.stats}))

@@ -10,12 +10,20 @@ at a checkpoint, hand the reader the position of the last document the packer ha
 a batch. A resumed stream therefore re-reads exactly the undelivered documents and packs the same
 batches an uninterrupted run would (with the same number of nodes and workers; see the reader's
 guarantee in `mmgen/data/webdata.py`).
+
+Prefetch (`prefetch` > 0): a background thread reads and packs up to `prefetch` batches ahead while
+the trainer computes (packing is Python in this process; on a GPU it otherwise stalls every step).
+The thread snapshots the stream's state right after packing each batch, and `state_dict()` / `stats`
+return the snapshot of the last batch the trainer *received*, so resume stays exact: batches that were
+packed but not consumed are packed again by the resumed stream.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,10 +65,17 @@ class TrainStream:
     """Batches for this process; `state_dict()` / `load_state_dict()` give exact resume."""
 
     def __init__(self, urls, tokenizer, packing: PackingConfig, *, batch_size: int, seed: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, prefetch: int = 0):
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
         self.reader = WebDocuments(urls, resolution=packing.image_size, shuffle=True, seed=seed, epochs=None)
         self.packer = DocumentPacker(tokenizer, packing, batch_size=batch_size, drop_last=True)
         self.num_workers = num_workers
+        self.prefetch = prefetch
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._received: dict | None = None  # prefetch: snapshot taken right after the last received batch
         self._positions: deque[dict] = deque()  # reader positions of documents not yet delivered (+ the last one)
         self._first = 0  # stream index of self._positions[0]
         self._batches: Iterator[dict] | None = None
@@ -68,6 +83,8 @@ class TrainStream:
 
     @property
     def shards_read(self) -> list:
+        if self._received is not None:
+            return self._received["shards_read"]
         return sorted(self._shards)
 
     def _documents(self) -> Iterator[dict]:
@@ -86,6 +103,23 @@ class TrainStream:
         return self
 
     def __next__(self) -> dict:
+        if self.prefetch == 0:
+            return self._next_batch()
+        if self._stop.is_set():
+            raise RuntimeError("this TrainStream was closed (or its prefetch thread failed); build a new one")
+        if self._thread is None:
+            self._received = {"state": self._state_now(), "stats": self._stats_now(), "shards_read": []}
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._produce, name="mmgen-prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        batch, self._received = item
+        return batch
+
+    def _next_batch(self) -> dict:
         if self._batches is None:
             self._batches = self.packer.iter_batches(self._documents())
         batch = next(self._batches)
@@ -95,12 +129,45 @@ class TrainStream:
             self._first += 1
         return batch
 
+    def _produce(self) -> None:
+        """Prefetch thread: pack batches and snapshot the state after each; errors go to the consumer."""
+        try:
+            while not self._stop.is_set():
+                batch = self._next_batch()
+                snapshot = {"state": self._state_now(), "stats": self._stats_now(),
+                            "shards_read": sorted(self._shards)}
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((batch, snapshot), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # noqa: BLE001  (StopIteration too: re-raised in the consumer thread)
+            self._queue.put(exc)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (idempotent); the stream cannot be iterated afterwards."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+
     @property
     def stats(self) -> dict:
-        """Reader counters (bad samples by kind) and packer counters (truncations, dropped images)."""
+        """Reader counters (bad samples by kind) and packer counters (truncations, dropped images), as of the
+        last batch the trainer received."""
+        if self._received is not None:
+            return dict(self._received["stats"])
+        return self._stats_now()
+
+    def _stats_now(self) -> dict:
         return {**self.reader.stats, **self.packer.stats}
 
     def state_dict(self) -> dict:
+        if self._received is not None:  # prefetching: the thread owns the reader and packer
+            return self._received["state"]
+        return self._state_now()
+
+    def _state_now(self) -> dict:
         delivered = self.packer.resume_index
         if delivered > 0:
             self.reader.observe({"meta": {"_wds": self._positions[delivered - 1 - self._first]}})

@@ -1,0 +1,91 @@
+"""The trainer's stream (mmgen/training/data.py): prefetching packs ahead in a thread, yet yields the same
+batches as the plain stream and checkpoints the state of what the trainer received, so resume is exact."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgen.data.make_shards import main as make_shards
+from mmgen.data.packing import PackingConfig
+from mmgen.tokenization import load_tokenizer
+from mmgen.training.data import TrainStream
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "shapes"
+PACKING = PackingConfig(seq_len=128, num_image_tokens=16, image_size=32, num_noisy_copies=1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream_shards")
+    make_shards(["--source", "shapes", "--num-docs", "120", "--out", str(out), "--split", "train", "--seed", "3",
+                 "--resolution", "32", "--samples-per-shard", "30"])  # fmt: skip
+    return str(out / "train-*.tar")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(TOKENIZER))
+
+
+def _stream(shards, tokenizer, prefetch):
+    return TrainStream(shards, tokenizer, PACKING, batch_size=2, seed=0, prefetch=prefetch)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_prefetching_stream_yields_the_plain_batches_and_checkpoints_what_was_received(shards, tokenizer):
+    plain, ahead = _stream(shards, tokenizer, 0), _stream(shards, tokenizer, 3)
+    try:
+        for _ in range(4):
+            assert _same(next(plain), next(ahead))
+        deadline = time.monotonic() + 30  # let the thread fill its queue: it has then packed past batch 4
+        while not ahead._queue.full() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ahead._queue.full() and ahead.packer.resume_index > plain.packer.resume_index
+        assert ahead.state_dict() == plain.state_dict()  # ... but the checkpoint is that of batch 4
+        assert ahead.stats == plain.stats
+        state = ahead.state_dict()
+        expected = [next(plain) for _ in range(3)]
+    finally:
+        ahead.close()
+    resumed = _stream(shards, tokenizer, 2)
+    resumed.load_state_dict(state)
+    try:
+        assert all(_same(want, next(resumed)) for want in expected)
+    finally:
+        resumed.close()
+
+
+def test_prefetch_thread_errors_reach_the_trainer(shards, tokenizer, tmp_path):
+    stream = _stream(shards, tokenizer, 2)
+
+    def broken(documents):
+        raise ValueError("document 7 of shard x: bad segment")
+        yield
+
+    stream.packer.iter_batches = broken
+    with pytest.raises(ValueError, match="document 7"):
+        next(stream)
+    with pytest.raises(RuntimeError, match="closed"):  # not a hang on a queue nobody fills
+        next(stream)
+    with pytest.raises(ValueError, match="prefetch"):
+        _stream(shards, tokenizer, -1)
+
+
+def test_stream_benchmark_writes_one_row_per_setting(shards, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    import bench_stream
+
+    out = tmp_path / "bench.json"
+    rows = bench_stream.main(["--shards", shards, "--seq-len", "128", "--compute-ms", "0", "5", "--prefetch", "0",
+                              "1", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+    assert [(r["compute_ms"], r["prefetch"]) for r in rows] == [(0, 0), (0, 1), (5, 0), (5, 1)]
+    assert all(r["batches"] > 0 and r["ms_per_step"] > 0 for r in rows)
+    assert json.loads(out.read_text()) == rows

@@ -1,8 +1,8 @@
 #!/bin/bash
 # GPU check of the training path (issue 5), run from the repo root on one GPU:
 #   bash eval/gpu_check.sh            (OUT=dir for the results; DRY=1 = a tiny CPU rehearsal of the script)
-# Phase A: a 116M-parameter backbone (12 x 768) at seq 1024, bf16, IMM, 40 steps with sdpa and then with
-#          flex_attention: tokens/s and MFU from runs/dev/A_*/metrics.jsonl.
+# Phase A: a 116M-parameter backbone (12 x 768) at seq 1024, bf16, IMM, 40 steps with sdpa (data.prefetch 0,
+#          then 2) and with flex_attention: tokens/s and MFU from runs/dev/A_*/metrics.jsonl.
 # Phase B: the default recipe (configs/default.yaml, default_fm.yaml, pure IMM) at several lengths, all at
 #          once on the one GPU, each with its own cosine schedule and the end-of-run evaluation; runs still
 #          going at DEADLINE seconds are stopped (their loss curves stay in results.json).
@@ -32,15 +32,17 @@ $PY -c "import torch, transformers, diffusers, accelerate, webdataset; print('to
 $PY -c "from mmgen.config import load_config; from mmgen.training.data import ensure_shapes_shards as e; c = load_config('configs/default.yaml'); e(c.data.shapes_dir, num_docs=c.data.num_docs, resolution=c.model.image_size, seed=c.run.seed, samples_per_shard=c.data.samples_per_shard, tasks=c.data.tasks)" || exit 4
 echo "[$(el)s] shards ready"
 COMMON="--run.output_dir runs/dev --run.checkpoint_every 100000 --run.tracker none"
-# Phase A: a 12-layer 768-wide backbone at seq 1024, sdpa then flex, bf16 (tokens/s, MFU from metrics.jsonl)
-for attn in sdpa flex_attention; do
-  OMP_NUM_THREADS=8 timeout -s KILL $A_TO $PY training/train.py $COMMON --run.name A_$attn --model.attn_implementation $attn \
-    $A_ARGS \
+# Phase A: a 12-layer 768-wide backbone at seq 1024, bf16: sdpa without and with the prefetch thread, then
+# flex (tokens/s, MFU from metrics.jsonl)
+for spec in sdpa:0 sdpa:2 flex_attention:2; do
+  attn=${spec%%:*}; pf=${spec##*:}; [ $pf = 0 ] && attn_name=${attn}_pf0 || attn_name=$attn
+  OMP_NUM_THREADS=8 timeout -s KILL $A_TO $PY training/train.py $COMMON --run.name A_$attn_name \
+    --model.attn_implementation $attn --data.prefetch $pf $A_ARGS \
     --optim.max_steps $A_STEPS --optim.warmup_steps 5 --run.log_every 10 --run.sample_every 0 --eval.at_end false \
-    > $OUT/A_$attn.log 2>&1
-  rc=$?; echo "[$(el)s] phase A $attn rc=$rc"; tail -3 runs/dev/A_$attn/metrics.jsonl 2>/dev/null | cut -c1-400
-  if [ $attn = sdpa ] && [ $rc -ne 0 ]; then tail -40 $OUT/A_$attn.log; exit 5; fi
-  [ $rc -ne 0 ] && tail -25 $OUT/A_$attn.log
+    > $OUT/A_$attn_name.log 2>&1
+  rc=$?; echo "[$(el)s] phase A $attn_name rc=$rc"; tail -3 runs/dev/A_$attn_name/metrics.jsonl 2>/dev/null | cut -c1-400
+  if [ $attn = sdpa ] && [ $rc -ne 0 ]; then tail -40 $OUT/A_$attn_name.log; exit 5; fi
+  [ $rc -ne 0 ] && tail -25 $OUT/A_$attn_name.log
 done
 # Phase B: the default recipe at several lengths, all at once (accuracy vs steps; each run's own cosine schedule)
 pids=""
@@ -52,7 +54,7 @@ for spec in $LADDER; do
     immpure) args="--config configs/default.yaml --objective.fm_fraction 0";;
   esac
   name=${kind}_$steps
-  OMP_NUM_THREADS=2 $PY training/train.py $args $COMMON --run.name $name --optim.max_steps $steps \
+  OMP_NUM_THREADS=2 $PY training/train.py $args $COMMON --run.name $name --optim.max_steps $steps --data.prefetch 2 \
     --run.sample_every $steps --run.log_every 50 > $OUT/B_$name.log 2>&1 &
   pids="$pids $!"
 done

@@ -13,6 +13,7 @@ from modeling_helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))  # eval/ holds scripts, not a package
+import colour_confusion
 import interleaved
 import judge
 import plot_nfe
@@ -253,3 +254,22 @@ def test_end_of_run_evaluation_reports_partial_verdicts_and_the_model_card_shows
     assert cell["n"] == 2 and set(cell["partial"]) == set(PARTIAL_VERDICTS)
     assert all(0.0 <= x <= 1.0 for x in cell["partial"].values())
     assert "nothing_extra" in _metrics_table(metrics) and "train/single@1" in metrics["summary"]
+
+
+def test_colour_confusion_of_renders_is_the_identity_and_names_a_swap(tiny_export, tmp_path):
+    from mmgen.data.shapes import COLOURS
+
+    rng = random.Random(0)
+    renders = {c: [render(sample_scene(rng, split="heldout", combos=[(c, "square")])) for _ in range(2)]
+               for c in COLOURS}  # fmt: skip
+    exact = colour_confusion.confusion(renders)
+    assert exact["diagonal"] == [1.0] * len(COLOURS) and all(0.02 < f < 0.2 for f in exact["foreground"])
+    swapped = colour_confusion.confusion({**renders, "red": renders["blue"]})
+    assert swapped["matrix"][COLOURS.index("red")][COLOURS.index("blue")] == 1.0
+    assert swapped["diagonal_mean"] == pytest.approx(1 - 1 / len(COLOURS))
+    result = colour_confusion.main(["--model", str(tiny_export), "--out", str(tmp_path), "--per-colour", "2",
+                                    "--steps", "1"])  # fmt: skip
+    saved = json.loads((tmp_path / "colour_confusion.json").read_text())
+    assert saved["matrix"] == result["matrix"] and len(saved["matrix"]) == len(COLOURS)
+    assert all(abs(sum(row) - 1) < 1e-9 or sum(row) == 0 for row in saved["matrix"])
+    assert (tmp_path / "colour_confusion.png").read_bytes()[:4] == b"\x89PNG"

@@ -44,6 +44,7 @@ __all__ = [
     "connected_components",
     "judge_image",
     "parse_text",
+    "pixel_colours",
     "relations_between",
     "scenes_match",
     "score_answer",
@@ -126,6 +127,12 @@ def _pixel_labels(rgb: np.ndarray):
     r = np.sqrt(np.maximum(np.take_along_axis(resid2, k[..., None], -1)[..., 0], 0.0))
     label = np.where(r > OFF_PALETTE, -2, np.where(a >= 0.5, k, -1))
     return k, alpha, label
+
+
+def pixel_colours(image, resolution: int | None = None) -> np.ndarray:
+    """(H, W) int: the palette index (order of `mmgen.data.shapes.COLOURS`) each pixel is judged to show,
+    -1 for background, -2 for off-palette, exactly as `judge_image` labels pixels."""
+    return _pixel_labels(_as_rgb(image, resolution))[2]
 
 
 def connected_components(labels: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
 $PY -c "import torch, transformers, diffusers, accelerate, webdataset; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'tf', transformers.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)" || exit 3
 # the default config's shards, made once before the concurrent runs below read them
-$PY -c "from mmgen.config import load_config; from mmgen.training.data import ensure_shapes_shards as e; c = load_config('configs/default.yaml'); e(c.data.shapes_dir, num_docs=c.data.num_docs, resolution=c.model.image_size, seed=c.run.seed, samples_per_shard=c.data.samples_per_shard, tasks=c.data.tasks)" || exit 4
+$PY -c "from mmgen.config import load_config; from mmgen.training.data import ensure_shapes_shards as e; c = load_config('configs/default.yaml'); e(c.data.shapes_dir, num_docs=c.data.num_docs, resolution=c.model.image_size, seed=c.data.seed, samples_per_shard=c.data.samples_per_shard, tasks=c.data.tasks)" || exit 4
 echo "[$(el)s] shards ready"
 COMMON="--run.output_dir runs/dev --run.checkpoint_every 100000 --run.tracker none"
 # Phase A: a 12-layer 768-wide backbone at seq 1024, bf16: sdpa without and with the prefetch thread, then

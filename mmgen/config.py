@@ -51,6 +51,9 @@ class DataSection:
     seq_len: int = 256
     batch_size: int = 16  # rows per process per micro-step
     num_workers: int = 0
+    # source=shapes: seed of the generated documents; not run.seed, so runs that differ only in their seed
+    # share one set of shards (a changed setting rebuilds shapes_dir in place, under any run reading it)
+    seed: int = 0
     prefetch: int = 2  # batches packed ahead by a background thread while the model computes (0 = off)
     loss_on: Literal["all", "assistant"] = "all"
     shuffle_buffer: int = 1000

@@ -57,7 +57,7 @@ def prepare_inputs(cfg: Config, accelerator) -> str:
         if cfg.data.source == "shapes":
             if accelerator.is_main_process:
                 ensure_shapes_shards(cfg.data.shapes_dir, num_docs=cfg.data.num_docs,
-                                     resolution=cfg.model.image_size, seed=cfg.run.seed,
+                                     resolution=cfg.model.image_size, seed=cfg.data.seed,
                                      samples_per_shard=cfg.data.samples_per_shard, tasks=cfg.data.tasks)
             return f"{cfg.data.shapes_dir}/train-*.tar"
     return cfg.data.shards

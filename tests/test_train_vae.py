@@ -94,3 +94,29 @@ def test_a_run_that_dies_before_the_rename_leaves_nothing_complete(tmp_path, mon
     assert not out.exists() and not tv.is_complete(out)
     monkeypatch.setattr(tv, "train_vae", lambda cfg, progress=True: "retrained")
     assert tv.ensure_vae(out) == "retrained"
+
+
+def test_amplitude_term_is_the_reconstruction_of_the_faded_image():
+    """At a = 1 the faded latent is z itself and the faded target is x: the term equals the reconstruction
+    loss; with a < 1 it is a different, non-negative term, and weight 0 leaves the loss as it was."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    cfg = tv.VAETrainConfig(base_channels=8)
+    vae = AutoencoderKL.from_config(cfg.vae_config())
+    x = tv.render_batch(tv.take(tv.scene_stream("t", 0), 3), 32)
+    plain, diag = tv.vae_loss(vae, x, cfg, torch.Generator().manual_seed(1))
+    assert "amplitude" not in diag
+    one = tv.VAETrainConfig(base_channels=8, amplitude_weight=1.0, amplitude_min=1.0)
+    loss, diag = tv.vae_loss(vae, x, one, torch.Generator().manual_seed(1))
+    assert diag["amplitude"] == pytest.approx(diag["l1"] + diag["l2"], rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + diag["amplitude"], rel=1e-5)
+    faded = tv.VAETrainConfig(base_channels=8, amplitude_weight=1.0, amplitude_min=0.3)
+    _, diag = tv.vae_loss(vae, x, faded, torch.Generator().manual_seed(1))
+    assert diag["amplitude"] > 0 and diag["amplitude"] != pytest.approx(diag["l1"] + diag["l2"], rel=1e-3)
+
+
+def test_metrics_report_how_much_hue_survives_a_shrunken_latent(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for split in ("eval_train", "eval_heldout_combos"):
+        assert 0.0 <= metrics[split]["hue_kept_at_0.6"] <= 1.0

@@ -102,22 +102,25 @@ def perplexity(model, processor, *, num_docs: int = 64, seq_len: int = 512, batc
     device = model.get_input_embeddings().weight.device
     docs = list(iter_documents(num_docs, seed=TEST_SEED + 6, split="heldout", tasks=["caption", "vqa", "multiturn"],
                                resolution=cfg.image_size))  # fmt: skip
-    sums = {}
-    for text_loss in ("all", "assistant"):
-        packing = PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.image_size,
-                                num_noisy_copies=0, text_loss=text_loss)  # fmt: skip
-        nll, count = 0.0, 0
-        for start in range(0, len(docs), batch_rows):
-            batch = collate_documents(docs[start : start + batch_rows], processor.tokenizer, packing)
-            keys = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids", "prefix_end")
-            inputs = {k: batch[k].to(device) for k in keys}
-            latents = model.vae.encode(batch["images"].float().to(device)) if batch["images"].shape[0] else None
-            logits = model(**inputs, clean_latents=latents).logits.float()  # (B, L, V)
-            labels = batch["labels"].to(device)[:, 1:]  # UNshifted labels: token i+1 is predicted at i
+    # one forward per batch; the two label sets (every text token / the assistant's) differ only in masking
+    packings = {text_loss: PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens,
+                                         image_size=cfg.image_size, num_noisy_copies=0, text_loss=text_loss)
+                for text_loss in ("all", "assistant")}  # fmt: skip
+    totals = {text_loss: [0.0, 0] for text_loss in packings}  # nll, tokens
+    keys = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids", "prefix_end")
+    for start in range(0, len(docs), batch_rows):
+        batches = {k: collate_documents(docs[start : start + batch_rows], processor.tokenizer, p)
+                   for k, p in packings.items()}  # fmt: skip
+        batch = batches["all"]
+        inputs = {k: batch[k].to(device) for k in keys}
+        latents = model.vae.encode(batch["images"].float().to(device)) if batch["images"].shape[0] else None
+        logits = model(**inputs, clean_latents=latents).logits.float()  # (B, L, V)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        for text_loss, b in batches.items():
+            labels = b["labels"].to(device)[:, 1:]  # UNshifted labels: token i+1 is predicted at i
             mask = labels != -100
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
             picked = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-            nll -= float(picked[mask].sum())
-            count += int(mask.sum())
-        sums[text_loss] = {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count}
+            totals[text_loss][0] -= float(picked[mask].sum())
+            totals[text_loss][1] += int(mask.sum())
+    sums = {k: {"perplexity": math.exp(nll / n), "nll_per_token": nll / n, "tokens": n} for k, (nll, n) in totals.items()}
     return {**sums["all"], "assistant": sums["assistant"], "documents": len(docs), "split": "heldout"}

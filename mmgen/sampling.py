@@ -61,11 +61,10 @@ def time_grid(num_steps: int, config, times=None) -> torch.Tensor:
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     if times is None:
-        shift = getattr(config, "time_shift", 1.0)
-        if shift == 1.0:
+        if config.time_shift == 1.0:  # the paper's grid, bit for bit
             return torch.linspace(config.T, config.eps, num_steps + 1, dtype=torch.float64)
         u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-        return config.eps + (config.T - config.eps) * shift_time(u, shift)
+        return config.eps + (config.T - config.eps) * shift_time(u, config.time_shift)
     grid = as_time(times).cpu()
     if grid.ndim != 1 or grid.shape[0] != num_steps + 1:
         raise ValueError(

@@ -68,7 +68,9 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
         if i:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    flops = model.estimate_flops(tokens, seq_len)
+    kinds = batch["token_kind"]
+    image_tokens = {name: int((kinds == k).sum()) for name, k in (("clean", 2), ("noisy", 3), ("target", 4))}
+    flops = model.estimate_flops(tokens, seq_len, image_tokens=image_tokens)
     peak, source = device_peak_flops(device, torch.bfloat16)
     del net, opt
     return {"tokens_per_step": tokens, "rows": rows, "seq_len": seq_len, "seconds_per_step": seconds,

@@ -32,7 +32,10 @@ class ModelSection:
     intermediate_size: int | None = None  # None = 4 * hidden_size
     image_size: int = 32
     patch_size: int = 1
-    image_head: Literal["linear", "adaln_mlp"] = "linear"
+    # "unet": U-Net down/up blocks around the transformer instead of a linear patch embedding and head
+    # (Transfusion); image_unet_width = its channels at the latent's resolution.
+    image_head: Literal["linear", "adaln_mlp", "unet"] = "linear"
+    image_unet_width: int = 64
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     vae: str = "runs/vae"  # diffusers AutoencoderKL dir (with latent stats) or Hub id
     tokenizer: str = "tokenizers/shapes"

@@ -54,7 +54,7 @@ IMM_DEFAULTS: dict[str, Any] = {
 }
 
 OBJECTIVES = ("imm", "flow_matching")
-IMAGE_HEADS = ("linear", "adaln_mlp")
+IMAGE_HEADS = ("linear", "adaln_mlp", "unet")
 
 # Names of the special tokens, in the order `from_pretrained_text_model` appends them (CONTRACTS.md §4).
 SPECIAL_TOKENS: tuple[tuple[str, str], ...] = (
@@ -78,8 +78,11 @@ class MMGenConfig(PretrainedConfig):
             z_norm = (z - mean) / std * sigma_data (mmgen/vae.py). None -> the VAE config's own default
             (`scaling_factor`/`shift_factor`). Measured stats live in the VAE's buffers (saved weights).
         image_size, patch_size, latent_channels: image geometry (see module docstring).
-        image_head: "linear" (norm -> Linear) or "adaln_mlp" (DiT/MAR-style adaLN residual MLP).
+        image_head: "linear" (norm -> Linear) or "adaln_mlp" (DiT/MAR-style adaLN residual MLP), both
+            after a linear patch embedding; or "unet": Transfusion-style U-Net down blocks embed the latent
+            and up blocks with skips decode the tokens (`mmgen/image_embedding.py`; patch_size a power of 2).
         image_head_depth: residual blocks of the adaln_mlp head.
+        image_unet_width: channels of the "unet" codec at the latent's resolution (twice that below it).
         time_embed_dim: width of the sinusoidal embedding of t_in and s_in before their MLPs.
         objective: "imm" | "flow_matching"; objective_params: overrides of that objective's config
             (None -> the DESIGN.md §5 IMM defaults for imm, the FlowMatchingConfig defaults otherwise).
@@ -101,6 +104,7 @@ class MMGenConfig(PretrainedConfig):
     latent_channels: int = 4
     image_head: str = "linear"
     image_head_depth: int = 2
+    image_unet_width: int = 64
     time_embed_dim: int = 256
     objective: str = "imm"
     objective_params: dict | None = None
@@ -162,7 +166,8 @@ class MMGenConfig(PretrainedConfig):
     # ---- validation -------------------------------------------------------------------------------
     def _check(self) -> None:
         """Raise ValueError naming the offending field(s)."""
-        for name in ("image_size", "patch_size", "latent_channels", "image_head_depth", "time_embed_dim"):
+        for name in ("image_size", "patch_size", "latent_channels", "image_head_depth", "image_unet_width",
+                     "time_embed_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MMGenConfig.{name} must be a positive int, got {value!r}")
@@ -195,6 +200,13 @@ class MMGenConfig(PretrainedConfig):
             raise ValueError(f"MMGenConfig.sigma_data must be positive, got {self.sigma_data}")
         if self.image_head not in IMAGE_HEADS:
             raise ValueError(f"MMGenConfig.image_head must be one of {IMAGE_HEADS}, got {self.image_head!r}")
+        if self.image_head == "unet":
+            if self.patch_size & (self.patch_size - 1):
+                raise ValueError(f"MMGenConfig.patch_size must be a power of two with image_head 'unet', got "
+                                 f"{self.patch_size}")
+            if self.image_unet_width % 8:
+                raise ValueError(f"MMGenConfig.image_unet_width must be a multiple of 8 (GroupNorm groups), got "
+                                 f"{self.image_unet_width}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"MMGenConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         self._check_objective_params()

@@ -234,6 +234,7 @@ class _Context:
     cache: DynamicCache
     image_position: torch.Tensor  # (B,)
     mask: torch.Tensor | None  # (B, P) valid prefix keys, None = all
+    prompt: torch.Tensor | None = None  # (B, D) final hidden at <|boi|> (U-Net codec), once per image
 
 
 def _cached_net(model):
@@ -248,6 +249,7 @@ def _cached_net(model):
             s_in,
             image_position=ctx.image_position,
             cache_attention_mask=ctx.mask,
+            prompt_state=ctx.prompt,
         )
         return g.to(x_in.dtype)
 
@@ -303,14 +305,15 @@ def generate_image(
         rows = torch.tensor(idx, device=device)
         sub = cache if len(idx) == B else _select_rows(cache, rows, cfg.text_config)
         mask = None if cache_attention_mask is None else cache_attention_mask[rows]
-        ctx = _Context(sub, position[rows], mask)
+        prompt = model.prompt_state(sub, image_position=position[rows], cache_attention_mask=mask)
+        ctx = _Context(sub, position[rows], mask, prompt)
         null = None
         if (
             key[1] != 1.0
         ):  # the unconditional branch sees only a context-free <|boi|> (training's null context)
-            null = _Context(
-                model.null_context_cache(len(idx), boi_position=position[rows] - 1), position[rows], None
-            )
+            null_cache = model.null_context_cache(len(idx), boi_position=position[rows] - 1)
+            null = _Context(null_cache, position[rows], None,
+                            model.prompt_state(null_cache, image_position=position[rows]))
         gens = [generators[i] for i in idx] if generators is not None else None
         extra = {"generator": gens} if (sampler == "restart") else {}
         out[rows] = sample(

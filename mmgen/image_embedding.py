@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -153,4 +154,151 @@ def build_image_head(kind: str, hidden_size: int, out_dim: int, depth: int) -> n
         return LinearHead(hidden_size, out_dim)
     if kind == "adaln_mlp":
         return AdaLNMLPHead(hidden_size, out_dim, depth)
-    raise ValueError(f"MMGenConfig.image_head must be 'linear' or 'adaln_mlp', got {kind!r}")
+    raise ValueError(f"MMGenConfig.image_head must be 'linear' or 'adaln_mlp' here, got {kind!r}")
+
+
+# --------------------------------------------------------------------------- U-Net patch codec
+#
+# Transfusion (Zhou et al. 2024, arXiv 2408.11039, §3 and §4.3) replaces the linear patch embedding and
+# head with U-Net down blocks (latent -> one vector per patch) and up blocks (with skip connections from
+# the down blocks) around the shared transformer, and finds them better at every model size: the
+# convolutions bring a locality prior the transformer has to learn otherwise. Our conditioning follows
+# it: the conv blocks see only the image's times (FiLM, as in DDPM/ADM ResBlocks); everything the prompt
+# says reaches the image through the transformer's tokens, so every attention rule still holds.
+
+
+def _conv_init(conv: nn.Module) -> None:
+    """PyTorch's default Conv init (uniform +-1/sqrt(fan_in)) through `init`, which keeps loaded weights."""
+    from transformers import initialization as init
+
+    fan_in = conv.weight.shape[1] * conv.weight[0, 0].numel()
+    if isinstance(conv, nn.ConvTranspose2d):  # weight (in, out, k, k): fan_in over the output side
+        fan_in = conv.weight.shape[0] * conv.weight[0, 0].numel()
+    bound = 1.0 / math.sqrt(fan_in)
+    init.uniform_(conv.weight, -bound, bound)
+    init.uniform_(conv.bias, -bound, bound)
+
+
+class FiLMResBlock(nn.Module):
+    """x + conv(SiLU(FiLM(GN(conv(SiLU(GN(x))))))) with (scale, shift) = Linear(SiLU(cond)) (ADM ResBlock)."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(cond)[:, :, None, None].chunk(2, dim=1)  # 2 x (M, ch, 1, 1)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h) * (1 + scale) + shift
+        return x + self.conv2(F.silu(h))
+
+
+def unet_channels(width: int, patch_size: int) -> list[int]:
+    """Channels of the U-Net levels above the token grid: latent side, side/2, ... (log2(p) levels; one
+    level at the token grid's own resolution when p = 1)."""
+    if patch_size < 1 or patch_size & (patch_size - 1):
+        raise ValueError(f"the U-Net image codec needs a power-of-two patch_size, got {patch_size}")
+    levels = max(int(math.log2(patch_size)), 1)
+    return [width * min(2**i, 2) for i in range(levels)]
+
+
+class UNetImageEncoder(nn.Module):
+    """Latents + (t_in, s_in) -> tokens (M, N, D) and a context (cond (M, D), skips) for the decoder.
+
+    conv3x3 -> [FiLM ResBlock -> stride-2 conv] per level (the last one lands on the patch grid, in D
+    channels) -> + 2D sin-cos position + time condition, as the linear embedding adds them.
+    """
+
+    def __init__(self, patch_size: int, channels: int, side: int, hidden_size: int, freq_dim: int, width: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.side = side
+        chans = unet_channels(width, patch_size)
+        self.t_embed = TimeEmbedding(freq_dim, hidden_size)
+        self.s_embed = TimeEmbedding(freq_dim, hidden_size)
+        self.conv_in = nn.Conv2d(channels, chans[0], 3, padding=1)
+        self.blocks = nn.ModuleList(FiLMResBlock(c, hidden_size) for c in chans)
+        outs = chans[1:] + [hidden_size]
+        stride = 2 if patch_size > 1 else 1
+        self.downs = nn.ModuleList(
+            nn.Conv2d(c, o, 3, stride=stride, padding=1) for c, o in zip(chans, outs)
+        )
+        self.register_buffer("pos_embed", sincos_2d(side, hidden_size), persistent=False)
+
+    def condition(self, t_in: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+        return self.t_embed(t_in) + self.s_embed(s_in)
+
+    def forward(self, latents: torch.Tensor, t_in: torch.Tensor, s_in: torch.Tensor):
+        dtype = self.conv_in.weight.dtype
+        cond = self.condition(t_in, s_in)  # (M, D)
+        h = self.conv_in(latents.to(dtype))
+        skips = []
+        for block, down in zip(self.blocks, self.downs):
+            h = block(h, cond)
+            skips.append(h)
+            h = down(h)
+        tokens = h.flatten(2).transpose(1, 2)  # (M, N, D), row-major patches
+        tokens = tokens + self.pos_embed.to(tokens.dtype)[None] + cond[:, None, :].to(tokens.dtype)
+        return tokens, (cond, tuple(skips))
+
+
+class UNetImageDecoder(nn.Module):
+    """Final hidden states of an image's N tokens (M, N, D) + the encoder's context + the prompt state
+    (M, D) -> G (M, C, h, w).
+
+    LayerNorm -> back to the patch grid -> [transposed conv up (+ the encoder's skip) -> FiLM ResBlock]
+    per level -> GN -> SiLU -> conv3x3 (zero-initialised: G starts at 0, as DiT's final layer).
+    The up blocks' FiLM reads the time condition plus a projection of the prompt state: the final hidden
+    state at the image's <|boi|>, which has read the whole prompt and nothing after it (DiT conditions every
+    block on the class the same way; measured on a class-conditional stand-in, this doubled single-object
+    accuracy after 38k images over up blocks that see the prompt only through the tokens: issue 5 note).
+    """
+
+    def __init__(self, patch_size: int, channels: int, side: int, hidden_size: int, width: int):
+        super().__init__()
+        self.side = side
+        chans = unet_channels(width, patch_size)
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        ins = chans[1:] + [hidden_size]
+        if patch_size > 1:
+            self.ups = nn.ModuleList(nn.ConvTranspose2d(i, c, 4, stride=2, padding=1) for c, i in zip(chans, ins))
+        else:
+            self.ups = nn.ModuleList(nn.Conv2d(i, c, 1) for c, i in zip(chans, ins))
+        self.blocks = nn.ModuleList(FiLMResBlock(c, hidden_size) for c in chans)
+        self.prompt_proj = nn.Linear(hidden_size, hidden_size)
+        self.norm_out = nn.GroupNorm(8, chans[0])
+        self.conv_out = nn.Conv2d(chans[0], channels, 3, padding=1)
+
+    def forward(self, hidden: torch.Tensor, context, prompt: torch.Tensor) -> torch.Tensor:
+        cond, skips = context
+        if prompt is None:
+            raise ValueError("the U-Net image decoder needs the prompt state (final hidden at <|boi|>), got None")
+        M, _, D = hidden.shape
+        h = self.norm(hidden).transpose(1, 2).reshape(M, D, self.side, self.side)
+        dtype = self.conv_out.weight.dtype
+        cond = cond.to(h.dtype) + self.prompt_proj(prompt.to(self.prompt_proj.weight.dtype)).to(h.dtype)
+        for up, block, skip in zip(reversed(self.ups), reversed(self.blocks), reversed(skips)):
+            h = block(up(h) + skip.to(h.dtype), cond)
+        return self.conv_out(F.silu(self.norm_out(h))).to(dtype)
+
+
+def unet_conv_flops(channels: int, side: int, hidden_size: int, width: int, patch_size: int) -> tuple[float, float]:
+    """Forward FLOPs (2 x multiply-adds) of the convolutions of one image: (encoder, decoder)."""
+    chans = unet_channels(width, patch_size)
+    S = side * patch_size  # latent side
+    res = [S // 2**i for i in range(len(chans))]  # resolution of each level
+    conv = lambda cin, cout, k, hw: 2.0 * cin * cout * k * k * hw * hw
+    blocks = sum(2 * conv(c, c, 3, r) for c, r in zip(chans, res))
+    outs = chans[1:] + [hidden_size]
+    k_down = 3
+    enc = conv(channels, chans[0], 3, S) + blocks
+    dec = conv(chans[0], channels, 3, S) + blocks
+    for c, o, r in zip(chans, outs, res):
+        r_out = r // 2 if patch_size > 1 else r
+        enc += conv(c, o, k_down, r_out)
+        dec += conv(o, c, 4, r_out) if patch_size > 1 else conv(o, c, 1, r)  # transposed: input resolution
+    return enc, dec

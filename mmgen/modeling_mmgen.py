@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -34,7 +35,16 @@ from transformers.utils import ModelOutput
 
 from mmgen.cache_view import FrozenPrefixCache
 from mmgen.configuration_mmgen import NUM_RESERVED_TOKENS, SPECIAL_TOKENS, MMGenConfig
-from mmgen.image_embedding import ImageInputEmbedding, build_image_head, sincos_2d, unpatchify
+from mmgen.image_embedding import (
+    ImageInputEmbedding,
+    UNetImageDecoder,
+    UNetImageEncoder,
+    _conv_init,
+    build_image_head,
+    sincos_2d,
+    unet_conv_flops,
+    unpatchify,
+)
 from mmgen.masks import TokenKind, build_block_mask, build_dense_mask, build_image_step_mask
 
 
@@ -80,8 +90,13 @@ class MMGenPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # The VAE keeps diffusers' own init (or its loaded weights); see MMGenForConditionalGeneration.__init__.
         super()._init_weights(module)
-        if isinstance(module, ImageInputEmbedding):  # non-persistent buffer: not in the checkpoint
+        if isinstance(module, (ImageInputEmbedding, UNetImageEncoder)):  # non-persistent buffer: not in the checkpoint
             init.copy_(module.pos_embed, sincos_2d(module.side, module.pos_embed.shape[-1]))
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):  # torch's default, not normal(0.02): after GN
+            _conv_init(module)
+        if isinstance(module, UNetImageDecoder):  # G starts at zero (DiT's zero-initialised final layer)
+            init.zeros_(module.conv_out.weight)
+            init.zeros_(module.conv_out.bias)
 
 
 class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
@@ -93,10 +108,13 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         # model's own weight init would then index empty tensors. DeepSpeed partitions at prepare().
         self.language_model = MODEL_FOR_CAUSAL_LM_MAPPING[type(text)](text)
         D = text.hidden_size
-        self.image_in = ImageInputEmbedding(
-            config.patch_size, config.latent_channels, config.patches_per_side, D, config.time_embed_dim
-        )
-        self.image_head = build_image_head(config.image_head, D, config.patch_dim, config.image_head_depth)
+        geometry = (config.patch_size, config.latent_channels, config.patches_per_side, D)
+        if config.image_head == "unet":
+            self.image_in = UNetImageEncoder(*geometry, config.time_embed_dim, config.image_unet_width)
+            self.image_head = UNetImageDecoder(*geometry, config.image_unet_width)
+        else:
+            self.image_in = ImageInputEmbedding(*geometry, config.time_embed_dim)
+            self.image_head = build_image_head(config.image_head, D, config.patch_dim, config.image_head_depth)
         self.vae = _build_vae(config)
         for module in self.vae.modules():  # keep diffusers' init: post_init must not re-initialise the VAE
             module._is_hf_initialized = True
@@ -146,22 +164,42 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
                 continue
             if not bool(sel.any()):
                 raise ValueError(f"latents for {name} copies were given but token_kind has no {name} tokens")
-            img_embeds, cond = self.image_in(latents, t_in, s_in)  # (M, N, D), (M, D)
+            img_embeds, context = self.image_in(latents, t_in, s_in)  # (M, N, D), decoder context
             b, l = sel.nonzero(as_tuple=True)
             values = img_embeds[image_ids[b, l], patch_ids[b, l]]  # (n, D)
             embeds = embeds.index_put((b, l), values.to(embeds.dtype))
-            conds[kind] = cond
+            conds[kind] = context
         return embeds, conds
 
-    def _image_outputs(self, hidden, token_kind, image_ids, patch_ids, kind, cond):
-        """Head + unpatchify at the tokens of one copy kind -> G (M, C, h, w); zeros where an image has none."""
+    def _decode_image(self, hidden: torch.Tensor, context, prompt=None) -> torch.Tensor:
+        """Final hidden states of images' N tokens (M, N, D) + the embedding's context -> G (M, C, h, w).
+        context: the time condition (M, D) (linear embedding) or (condition, skips) (U-Net codec);
+        prompt: (M, D) final hidden state at each image's <|boi|> (U-Net codec only)."""
         cfg = self.config
-        sel = token_kind == kind
-        img, pid = image_ids[sel], patch_ids[sel]
-        out = self.image_head(hidden[sel], cond[img].to(hidden.dtype))  # (n, C p^2)
-        M, N = cond.shape[0], cfg.num_image_tokens
-        patches = out.new_zeros(M, N, cfg.patch_dim).index_put((img, pid), out)  # (M, N, C p^2)
-        return unpatchify(patches, cfg.patch_size, cfg.latent_channels, cfg.patches_per_side)
+        if cfg.image_head == "unet":
+            return self.image_head(hidden, context, prompt)
+        M, N, _ = hidden.shape
+        out = self.image_head(hidden, context[:, None, :].to(hidden.dtype).expand(M, N, -1))  # (M, N, C p^2)
+        return unpatchify(out, cfg.patch_size, cfg.latent_channels, cfg.patches_per_side)
+
+    def _image_outputs(self, hidden, full_hidden, meta, kind, context):
+        """The head at the tokens of one copy kind -> G (M, C, h, w); zeros where an image has none.
+        full_hidden (B, L + K, D) includes the appended null-context <|boi|>s; meta is after appending them."""
+        cfg = self.config
+        token_kind, _, image_ids, patch_ids, prefix_end = meta
+        L = hidden.shape[1]
+        sel = token_kind[:, :L] == kind
+        img, pid = image_ids[:, :L][sel], patch_ids[:, :L][sel]
+        M = (context[0] if isinstance(context, tuple) else context).shape[0]
+        grid = hidden.new_zeros(M, cfg.num_image_tokens, hidden.shape[-1]).index_put((img, pid), hidden[sel])
+        present = torch.zeros(M, dtype=torch.bool, device=hidden.device).index_fill(0, img, True)
+        prompt = None
+        if cfg.image_head == "unet":  # each copy's <|boi|> (the null one for unconditional copies)
+            b, _ = sel.nonzero(as_tuple=True)
+            boi = full_hidden[b, prefix_end[:, :L][sel]]  # (n, D), the same for all N tokens of a copy
+            prompt = full_hidden.new_zeros(M, full_hidden.shape[-1]).index_put((img,), boi)
+        G = self._decode_image(grid, context, prompt)  # (M, C, h, w)
+        return torch.where(present[:, None, None, None], G, torch.zeros_like(G))
 
     def _add_null_context(self, embeds, input_ids, position_ids, meta, image_uncond):
         """Append one context-free <|boi|> per unconditional image and point its noisy copies at it.
@@ -312,16 +350,17 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
                 wanted[TokenKind.IMAGE_CLEAN] = "clean_outputs"
             for kind, name in wanted.items():
                 if kind in conds:
-                    outputs[name] = self._image_outputs(hidden, token_kind, image_ids, patch_ids, kind, conds[kind])
+                    outputs[name] = self._image_outputs(hidden, out.last_hidden_state, meta, kind, conds[kind])
         return MMGenOutput(loss=loss, logits=logits, cache=out.cache,
                            last_hidden_state=hidden, **outputs)
 
     # ---- cached generation steps (DESIGN.md §6) --------------------------------------------------------
-    def _image_tokens_on_cache(self, cache, prefix, latents, t_in, s_in, image_position, cache_attention_mask):
+    def _image_tokens_on_cache(self, cache, prefix, latents, t_in, s_in, image_position, cache_attention_mask,
+                               prompt_state=None, decode=True):
         """Run N image tokens over a prefix cache (`prefix` is what the attention layers update)."""
         cfg = self.config
         B, N = latents.shape[0], cfg.num_image_tokens
-        embeds, cond = self.image_in(latents, t_in, s_in)  # (B, N, D), (B, D)
+        embeds, context = self.image_in(latents, t_in, s_in)  # (B, N, D), decoder context
         embeds = embeds.to(self.get_input_embeddings().weight.dtype)
         pos = torch.as_tensor(image_position, device=embeds.device, dtype=torch.long).reshape(-1, 1)
         position_ids = pos.expand(B, N)  # every token of an image shares one RoPE position
@@ -331,29 +370,60 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         )  # (B, 1, N, P + N)
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                             cache=prefix, use_cache=True)
-        hidden = out.last_hidden_state  # (B, N, D)
-        G = self.image_head(hidden, cond[:, None, :].to(hidden.dtype).expand(B, N, -1))  # (B, N, C p^2)
-        return unpatchify(G, cfg.patch_size, cfg.latent_channels, cfg.patches_per_side)
+        if not decode:
+            return None
+        if self.config.image_head == "unet" and prompt_state is None:
+            prompt_state = self.prompt_state(cache, image_position=image_position,
+                                             cache_attention_mask=cache_attention_mask)
+        return self._decode_image(out.last_hidden_state, context, prompt_state)  # (B, C, h, w)
 
-    def image_step(self, cache: Cache, x_in, t_in, s_in, *, image_position, cache_attention_mask=None):
+    def image_step(self, cache: Cache, x_in, t_in, s_in, *, image_position, cache_attention_mask=None,
+                   prompt_state=None):
         """G for one noisy image per row on a cached prefix; the cache is read, never extended or mutated.
 
         cache: `DynamicCache` of the prefix up to and including <|boi|> (B rows); x_in (B, C, h, w) =
         c_in(t) x_t; t_in, s_in (B,) as CONTRACTS §1; image_position: int or (B,) = <|boi|> position + 1;
         cache_attention_mask: (B, P) 1 = real token (left padding). The unconditional branch is the same
         call on `null_context_cache(...)`. Every refinement step can reuse the same `cache`.
+        prompt_state: `prompt_state(cache, ...)` for the U-Net codec, computed once per image by the
+        caller (recomputed here when omitted); unused otherwise.
         """
         if cache is None or cache.get_seq_length() == 0:
             raise ValueError("image_step needs a prefix cache holding at least <|boi|>")
         return self._image_tokens_on_cache(cache, FrozenPrefixCache(cache), x_in, t_in, s_in,
-                                           image_position, cache_attention_mask)
+                                           image_position, cache_attention_mask, prompt_state)
+
+    @torch.no_grad()
+    def prompt_state(self, cache: Cache, *, image_position, cache_attention_mask=None) -> torch.Tensor | None:
+        """The final hidden state at <|boi|> (B, D), the last entry of `cache`: what the U-Net decoder reads
+        the prompt from (the training forward takes it from the same position). Recomputed by running
+        <|boi|> again over the cache without its own entry, which reproduces the prefill exactly. None
+        without the U-Net codec."""
+        if self.config.image_head != "unet":
+            return None
+        B, P = cache.layers[0].keys.shape[0], cache.get_seq_length()
+        device = self.get_input_embeddings().weight.device
+        ids = torch.full((B, 1), self.config.boi_token_id, dtype=torch.long, device=device)
+        pos = torch.as_tensor(image_position, device=device, dtype=torch.long).reshape(-1, 1).expand(B, 1) - 1
+        data = [(layer.keys[:, :, : P - 1], layer.values[:, :, : P - 1]) for layer in cache.layers]
+        before = DynamicCache(ddp_cache_data=data, config=self.config.text_config) if P > 1 else None
+        mask = None
+        if cache_attention_mask is not None and P > 1:
+            valid = torch.cat([cache_attention_mask[:, : P - 1].bool().to(device),
+                               torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)  # (B, P)
+            dtype = self.get_input_embeddings().weight.dtype
+            mask = torch.zeros(B, 1, 1, P, dtype=dtype, device=device).masked_fill(
+                ~valid[:, None, None, :], torch.finfo(dtype).min)
+        out = self.backbone(input_ids=ids, position_ids=pos, attention_mask=mask, cache=before,
+                            use_cache=before is not None)
+        return out.last_hidden_state[:, -1]  # (B, D)
 
     def append_clean_image(self, cache: Cache, latents, *, image_position, cache_attention_mask=None):
         """Run a finished image as a clean copy (latents / sigma_data, times 0) and append its N tokens to
         `cache` (in place; also returned). Then decode <|eoi|> at position image_position + 1."""
         zeros = torch.zeros(latents.shape[0], device=latents.device)
         self._image_tokens_on_cache(cache, cache, latents / self.config.sigma_data, zeros, zeros,
-                                    image_position, cache_attention_mask)
+                                    image_position, cache_attention_mask, decode=False)
         return cache
 
     def null_context_cache(self, batch_size: int, boi_position: int | torch.Tensor = 0) -> DynamicCache:
@@ -402,21 +472,43 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         return model
 
     # ---- accounting (nanoGPT `estimate_mfu`, Chinchilla 6N) ------------------------------------------
-    def estimate_flops(self, num_tokens: int, seq_len: int, *, training: bool = True) -> float:
+    def estimate_flops(self, num_tokens: int, seq_len: int, *, training: bool = True,
+                       image_tokens: dict[str, int] | None = None) -> float:
         """FLOPs of one step over `num_tokens` tokens in rows of `seq_len` (nanoGPT `estimate_mfu`).
 
         6 N per token (2 forward + 4 backward) for the N parameters each token multiplies by: all but
         the VAE and the input embedding table; plus 12 * layers * hidden * seq_len per token for the
         attention scores and values (dense, as nanoGPT counts it). Forward only: a third of that.
+
+        `image_tokens` = {"clean": n, "noisy": n, "target": n}, the image-slot tokens of each copy among
+        `num_tokens` (training). Target copies (IMM's target branch) run without gradient: a third of a
+        trained token. With the U-Net codec its convolutions are counted per image (their weights are
+        reused at every pixel), encoder for clean copies and encoder + decoder for the others; it needs
+        `image_tokens`, since only the caller knows the mix.
         """
-        text = self.config.text_config
+        cfg, text = self.config, self.config.text_config
         emb = self.get_input_embeddings().weight
-        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("vae."))
+        unet = cfg.image_head == "unet"
+        codec = [self.image_in, self.image_head] if unet else []
+        convs = (nn.Conv2d, nn.ConvTranspose2d)
+        conv_params = {id(p) for c in codec for m in c.modules() if isinstance(m, convs) for p in m.parameters()}
+        n = sum(p.numel() for name, p in self.named_parameters()
+                if not name.startswith("vae.") and id(p) not in conv_params)
         if self.get_output_embeddings().weight is not emb:
             n -= emb.numel()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         attn = 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
-        flops = (6 * n + attn) * num_tokens
+        per_token = 6 * n + attn
+        if unet and image_tokens is None:
+            raise ValueError("estimate_flops needs image_tokens with image_head 'unet' (conv FLOPs are per image)")
+        counts = {k: (image_tokens or {}).get(k, 0) for k in ("clean", "noisy", "target")}
+        flops = per_token * (num_tokens - counts["target"]) + per_token / 3 * counts["target"]
+        if unet:
+            enc, dec = unet_conv_flops(cfg.latent_channels, cfg.patches_per_side, text.hidden_size,
+                                       cfg.image_unet_width, cfg.patch_size)
+            N = cfg.num_image_tokens
+            flops += (3 * enc * counts["clean"] + 3 * (enc + dec) * counts["noisy"]
+                      + (enc + dec) * counts["target"]) / N
         return flops if training else flops / 3
 
 

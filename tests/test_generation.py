@@ -19,10 +19,14 @@ from mmgen.tokenization import load_tokenizer
 TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "shapes"
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["linear", "unet"])
+def model(request):
     torch.manual_seed(0)
-    return MMGenForConditionalGeneration(tiny_config()).eval()
+    extra = {"image_unet_width": 16} if request.param == "unet" else {}
+    model = MMGenForConditionalGeneration(tiny_config(image_head=request.param, **extra)).eval()
+    if request.param == "unet":  # its last conv starts at zero (G = 0): give it weights to test with
+        torch.nn.init.normal_(model.image_head.conv_out.weight, std=0.05)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +146,12 @@ def test_backbone_calls_per_image(model, processor, num_steps, guidance):
                 guidance=guidance,
             )
         )
-    image = [(1, N)] * num_steps if guidance == 1.0 else [(1, 1)] + [(1, N)] * (2 * num_steps)  # + null cache
-    # prefill, <|boi|>, [null context], N-token steps (x2 with guidance), one clean pass, <|eoi|>
-    assert log.calls == [(1, L), (1, 1)] + image + [(1, N), (1, 1)]
+    # the U-Net decoder's prompt state: <|boi|> once more per image (and per null context), not per step
+    prompt = [(1, 1)] if model.config.image_head == "unet" else []
+    image = [(1, N)] * num_steps if guidance == 1.0 else [(1, 1)] + prompt + [(1, N)] * (2 * num_steps)
+    # prefill, <|boi|>, [prompt state], [null context, its prompt state], N-token steps (x2 with guidance),
+    # one clean pass, <|eoi|>
+    assert log.calls == [(1, L), (1, 1)] + prompt + image + [(1, N), (1, 1)]
 
 
 @torch.no_grad()
@@ -154,7 +161,8 @@ def test_image_cost_does_not_grow_with_the_prefix(model, processor):
     with CallLog(model) as log:
         G.generate_images_for_prompts(model, processor, [long_prompt], num_steps=3, seeds=[0])
     assert log.calls[0][1] > 100  # only the prefill sees the prefix
-    assert log.calls[1:] == [(1, N)] * 3
+    prompt = [(1, 1)] if model.config.image_head == "unet" else []  # <|boi|> once more: the prompt state
+    assert log.calls[1:] == prompt + [(1, N)] * 3
 
 
 # ------------------------------------------------------------------------------------------- per-row seeds
@@ -340,11 +348,13 @@ def test_caption_images_is_greedy_and_batch_independent(model, processor):
 
 def test_prompt_sensitivity_sees_the_prompt_and_is_zero_for_one_prompt(model, processor):
     """The end-of-run diagnostic: an untrained model's one-step image already moves with the prompt
-    (the noisy copy reads it); repeating one prompt gives exactly no prompt effect."""
+    (the noisy copy reads it); repeating one prompt gives no prompt effect (exactly zero with linear patches;
+    rounding only with the U-Net codec, whose batched convolutions are not bit-identical across rows)."""
     from mmgen.training.evaluate import prompt_sensitivity
 
     varied = prompt_sensitivity(model, processor, prompts=("Draw a red circle.", "Draw two blue squares."),
                                 num_seeds=2)
     assert varied["ratio"] > 0 and varied["across_seeds"] > 0
     same = prompt_sensitivity(model, processor, prompts=("Draw a red circle.",) * 2, num_seeds=2)
-    assert same["across_prompts"] == 0.0 and same["ratio"] == 0.0
+    tol = 0.0 if model.config.image_head == "linear" else 1e-5
+    assert same["across_prompts"] <= tol and same["ratio"] <= tol

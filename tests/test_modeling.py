@@ -10,10 +10,15 @@ from mmgen.masks import TokenKind
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["linear", "unet"])
+def model(request):
+    """Every behaviour below holds for both image codecs: linear patches and the U-Net (Transfusion-style)."""
     torch.manual_seed(0)
-    return MMGenForConditionalGeneration(tiny_config()).eval()
+    extra = {"image_unet_width": 16} if request.param == "unet" else {}
+    model = MMGenForConditionalGeneration(tiny_config(image_head=request.param, **extra)).eval()
+    if request.param == "unet":  # its last conv starts at zero (G = 0): give it weights to test with
+        torch.nn.init.normal_(model.image_head.conv_out.weight, std=0.05)
+    return model
 
 
 def _visible(batch):
@@ -210,6 +215,7 @@ def test_imm_loss_trains_through_the_model(model):
     model.zero_grad()
     loss.backward()
     assert torch.isfinite(loss)
-    assert model.image_in.proj.weight.grad.abs().sum() > 0
+    first = model.image_in.conv_in if model.config.image_head == "unet" else model.image_in.proj
+    assert first.weight.grad.abs().sum() > 0
     assert model.language_model.base_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     model.zero_grad()

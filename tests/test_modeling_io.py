@@ -74,9 +74,12 @@ def test_message_names_both_numbers_when_image_size_does_not_divide():
 
 
 # ---- save / load ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("image_head", ["adaln_mlp", "unet"])
 @torch.no_grad()
-def test_save_and_from_pretrained_are_bit_exact_in_fp32_with_the_vae(tmp_path):
-    model = _model(image_head="adaln_mlp")
+def test_save_and_from_pretrained_are_bit_exact_in_fp32_with_the_vae(tmp_path, image_head):
+    model = _model(image_head=image_head, image_unet_width=16)
+    if image_head == "unet":  # zero-initialised last conv: give it weights, so equal outputs mean something
+        torch.nn.init.normal_(model.image_head.conv_out.weight, std=0.05)
     model.vae.set_latent_stats(torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([1.5, 0.5, 2.0, 1.0]))
     inputs = _inputs(model.config)
     ref = model(**inputs, logits_to_keep=0)
@@ -88,7 +91,7 @@ def test_save_and_from_pretrained_are_bit_exact_in_fp32_with_the_vae(tmp_path):
         assert type(loaded) is MMGenForConditionalGeneration
         out = loaded(**inputs)
         assert torch.equal(out.loss, ref.loss)
-        assert torch.equal(out.image_outputs, ref.image_outputs)
+        assert torch.equal(out.image_outputs, ref.image_outputs) and ref.image_outputs.abs().sum() > 0
         assert torch.equal(out.target_outputs, ref.target_outputs)
         for (name, a), (_, b) in zip(model.vae.state_dict().items(), loaded.vae.state_dict().items()):
             assert torch.equal(a, b), name
@@ -186,3 +189,35 @@ def test_estimate_flops_is_6n_plus_attention_per_token():
     assert model.num_parameters(only_trainable=True) == model.num_parameters() - sum(
         p.numel() for p in model.vae.parameters()
     )
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_unet_codec_flops_match_torch_flop_counter(patch_size):
+    """The analytic conv FLOPs of the U-Net codec equal what torch counts running it, and estimate_flops
+    adds them per image: encoder for clean copies, encoder + decoder (x3 trained, x1 target) otherwise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmgen.image_embedding import unet_conv_flops
+
+    model = _model(image_head="unet", image_unet_width=16, patch_size=patch_size)
+    cfg = model.config
+    M, N, D = 3, cfg.num_image_tokens, cfg.text_config.hidden_size
+    latents = torch.randn(M, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    t = torch.full((M,), 500.0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        tokens, context = model.image_in(latents, t, t)
+    conv_ops = lambda c: sum(v for op, v in c.get_flop_counts()["Global"].items() if "convolution" in str(op))
+    enc_counted = conv_ops(counter)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        G = model.image_head(tokens, context, torch.randn(M, D))
+    assert tokens.shape == (M, N, D) and G.shape == latents.shape
+    enc, dec = unet_conv_flops(cfg.latent_channels, cfg.patches_per_side, D, 16, patch_size)
+    assert (enc * M, dec * M) == (enc_counted, conv_ops(counter))
+
+    base = model.estimate_flops(1000, 128, image_tokens={"clean": 0, "noisy": 0, "target": 0})
+    with_images = model.estimate_flops(1000, 128, image_tokens={"clean": 2 * N, "noisy": N, "target": N})
+    per_token = base / 1000  # 6 N + attention
+    convs = 3 * 2 * enc + 3 * (enc + dec) + (enc + dec)  # 2 clean images, 1 trained and 1 target copy
+    assert with_images - base == pytest.approx(convs - per_token * N * 2 / 3)  # target tokens: forward only
+    with pytest.raises(ValueError, match="image_tokens"):
+        model.estimate_flops(1000, 128)

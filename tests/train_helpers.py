@@ -12,6 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny_train.yaml"
 
 
+def load_script(relative: str):
+    """Import a repo script (e.g. "training/train_vae.py") as a module named after its file."""
+    import importlib.util
+
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tiny_vae(path: Path) -> Path:
     import torch
 

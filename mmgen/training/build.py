@@ -57,6 +57,7 @@ def build_model(cfg: Config, tokenizer, vae: MMGenVAE) -> MMGenForConditionalGen
         "patch_size": m.patch_size,
         "latent_channels": vae.latent_channels,
         "image_head": m.image_head,
+        "image_unet_width": m.image_unet_width,
         "objective": cfg.objective.name,
         "objective_params": objective_params(cfg),
         "sigma_data": cfg.objective.sigma_data,

@@ -20,9 +20,10 @@ Architectures (same width and depth as the default backbone: 4 layers, 192 wide)
   token's final state (`--prompt-film cls`), which is what `image_head: unet` does with <|boi|>'s state;
 - unet: a plain 2-level conv U-Net with the class in every block (ADM-style), no transformer.
 
-Measured on the 2-core CPU (one thread per run, seed 0, 96 samples per point; issue 5 note):
-single-object exact accuracy after 38,400 images (600 steps of 64) -- dit 0.04, hybrid with the class
-only in the tokens 0.22, hybrid with `--prompt-film cls` 0.59, unet 0.68; dit after 153,600 images: 0.13.
+Measured on the 2-core CPU (one thread per run, seed 0, 96 samples per point; issue 5 note), single-object
+exact accuracy after 19,200 / 38,400 images (300 / 600 steps of 64), this script: dit 0.04 / 0.04, hybrid
+0.18 / 0.57 (`docs/probe/`: `--steps 600`); an earlier form of it: hybrid with the class only in the
+tokens (`--prompt-film none`) 0.07 / 0.22, unet 0.52 / 0.68, dit after 153,600 images 0.13.
 """
 
 from __future__ import annotations

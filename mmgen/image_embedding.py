@@ -3,6 +3,8 @@
 - in:  latents (M, C, h, w) -> patches (M, N, C p^2) -> Linear -> + 2D sin-cos patch position
        + MLP(sinusoid(t_in)) + MLP(sinusoid(s_in))   (two separate time MLPs, IMM's "stride" time)
 - out: final hidden (n, D) -> image head -> (n, C p^2) -> unpatchify -> G (M, C, h, w)
+- or (image_head "unet", below): U-Net down blocks latents -> (M, N, D) and up blocks with skips
+  (M, N, D) -> G, FiLM-conditioned on the times and the prompt state at <|boi|> (Transfusion)
 
 Sources: the sinusoidal timestep embedding + 2-layer SiLU MLP and the 2D sin-cos position
 embedding follow DiT (Peebles & Xie 2023, arXiv 2212.09748, `models.py`: TimestepEmbedder,

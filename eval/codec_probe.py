@@ -22,7 +22,8 @@ Architectures (same width and depth as the default backbone: 4 layers, 192 wide)
 
 Measured on the 2-core CPU (one thread per run, seed 0, 96 samples per point; issue 5 note), single-object
 exact accuracy after 19,200 / 38,400 images (300 / 600 steps of 64), this script: dit 0.04 / 0.04, hybrid
-0.18 / 0.57 (`docs/probe/`: `--steps 600`); an earlier form of it: hybrid with the class only in the
+0.18 / 0.57, hybrid with the tokenised prompt (`--prompt text`) 0.28 / 0.67 and with it only in the tokens
+(`--prompt text --prompt-film none`) 0.09 / 0.23 (`docs/probe/`: `--steps 600`); an earlier form of it: hybrid with the class only in the
 tokens (`--prompt-film none`) 0.07 / 0.22, unet 0.52 / 0.68, dit after 153,600 images 0.13.
 """
 
@@ -56,6 +57,18 @@ def class_of(colour: str, shape: str) -> int:
     return COLOURS.index(colour) * len(SHAPES) + SHAPES.index(shape)
 
 
+def prompt_token_ids(tokenizer_dir: str) -> torch.Tensor:
+    """(classes + 1, T) ids of "Draw a {colour} {shape}.<|boi|>" per class (the null class: "<|boi|>"),
+    left-padded with <|pad|> (0), which the stand-in treats as an ordinary token."""
+    from mmgen.tokenization import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    texts = [f"Draw a {c} {s}.<|boi|>" for c in COLOURS for s in SHAPES] + ["<|boi|>"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    T = max(map(len, ids))
+    return torch.tensor([[0] * (T - len(i)) + i for i in ids])
+
+
 def time_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
@@ -77,11 +90,11 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mods = self.ada(c)[:, None].chunk(6, -1) if self.adaln else [0.0] * 6
         s1, b1, g1, s2, b2, g2 = mods
         h = self.norm1(x) * (1 + s1) + b1
-        x = x + (1 + g1) * self.attn(h, h, h, need_weights=False)[0]
+        x = x + (1 + g1) * self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
         h = self.norm2(x) * (1 + s2) + b2
         return x + (1 + g2) * self.mlp(h)
 
@@ -165,6 +178,17 @@ class Hybrid(nn.Module):
         ch, w = a.ch, a.width
         self.prompt_film = a.prompt_film
         self.cls = nn.Embedding(NULL + 1, w)
+        self.text = None
+        if a.prompt == "text":  # the class as the full model sees it: "Draw a red circle.<|boi|>", causal
+            ids = prompt_token_ids(a.tokenizer)  # (classes + 1, T), left-padded
+            self.register_buffer("prompt_ids", ids, persistent=False)
+            self.text = nn.Embedding(int(ids.max()) + 1, w)
+            self.text_pos = nn.Parameter(torch.randn(1, ids.shape[1], w) * 0.02)
+            T, N = ids.shape[1], (H // 4) ** 2
+            mask = torch.zeros(T + N, T + N, dtype=torch.bool)  # True = blocked
+            mask[:T, :T] = torch.ones(T, T, dtype=torch.bool).triu(1)  # text: causal
+            mask[:T, T:] = True  # text never sees the image
+            self.register_buffer("mask", mask, persistent=False)
         self.t = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
         self.inp = nn.Conv2d(C, ch, 3, padding=1)
         self.d1, self.down1 = ResBlock(ch, w), nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1)
@@ -188,13 +212,17 @@ class Hybrid(nn.Module):
         h = self.down2(h2)
         B = h.shape[0]
         tok = h.flatten(2).transpose(1, 2) + self.pos + te[:, None]
-        tok = torch.cat([(self.cls(y) + te)[:, None], tok], 1)
+        if self.text is None:
+            tok, mask, T = torch.cat([(self.cls(y) + te)[:, None], tok], 1), None, 1
+        else:
+            words = self.text(self.prompt_ids[y]) + self.text_pos
+            tok, mask, T = torch.cat([words.to(tok.dtype), tok], 1), self.mask, words.shape[1]
         for b in self.blocks:
-            tok = b(tok, te)
+            tok = b(tok, te, mask)
         tok = self.norm(tok)
-        if self.prompt_film == "cls":
-            c = F.silu(te + self.prompt(tok[:, 0]))
-        h = tok[:, 1:].transpose(1, 2).reshape(B, -1, self.side, self.side)
+        if self.prompt_film == "cls":  # the class token, or the text's last token (<|boi|>)
+            c = F.silu(te + self.prompt(tok[:, T - 1]))
+        h = tok[:, T:].transpose(1, 2).reshape(B, -1, self.side, self.side)
         h = self.u2(self.up2(h) + h2, c)
         return self.out(F.silu(self.u1(self.up1(h) + h1, c)))
 
@@ -229,6 +257,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=("dit", "hybrid", "unet"), default="hybrid")
     p.add_argument("--prompt-film", choices=("cls", "none"), default="cls", help="hybrid: class state in up blocks")
+    p.add_argument("--prompt", choices=("class", "text"), default="class",
+                   help="hybrid: the class as one embedding, or as the tokenised prompt under causal attention")
+    p.add_argument("--tokenizer", default="tokenizers/shapes")
     p.add_argument("--vae", default="runs/vae", help="stage-1 output (training/train_vae.py)")
     p.add_argument("--patch", type=int, default=4, help="dit: patch size on the latent")
     p.add_argument("--width", type=int, default=192)

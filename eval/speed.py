@@ -20,6 +20,7 @@ import torch
 
 from mmgen.data.packing import PackingConfig, collate_documents
 from mmgen.data.shapes_docs import iter_documents
+from mmgen.masks import image_token_counts
 from mmgen.training.evaluate import TEST_SEED
 
 
@@ -68,9 +69,7 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
         if i:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    kinds = batch["token_kind"]
-    image_tokens = {name: int((kinds == k).sum()) for name, k in (("clean", 2), ("noisy", 3), ("target", 4))}
-    flops = model.estimate_flops(tokens, seq_len, image_tokens=image_tokens)
+    flops = model.estimate_flops(tokens, seq_len, image_tokens=image_token_counts(batch["token_kind"]))
     peak, source = device_peak_flops(device, torch.bfloat16)
     del net, opt
     return {"tokens_per_step": tokens, "rows": rows, "seq_len": seq_len, "seconds_per_step": seconds,

@@ -217,7 +217,6 @@ class UNetImageEncoder(nn.Module):
 
     def __init__(self, patch_size: int, channels: int, side: int, hidden_size: int, freq_dim: int, width: int):
         super().__init__()
-        self.patch_size = patch_size
         self.side = side
         chans = unet_channels(width, patch_size)
         self.t_embed = TimeEmbedding(freq_dim, hidden_size)
@@ -296,11 +295,10 @@ def unet_conv_flops(channels: int, side: int, hidden_size: int, width: int, patc
     conv = lambda cin, cout, k, hw: 2.0 * cin * cout * k * k * hw * hw
     blocks = sum(2 * conv(c, c, 3, r) for c, r in zip(chans, res))
     outs = chans[1:] + [hidden_size]
-    k_down = 3
     enc = conv(channels, chans[0], 3, S) + blocks
     dec = conv(chans[0], channels, 3, S) + blocks
     for c, o, r in zip(chans, outs, res):
         r_out = r // 2 if patch_size > 1 else r
-        enc += conv(c, o, k_down, r_out)
+        enc += conv(c, o, 3, r_out)
         dec += conv(o, c, 4, r_out) if patch_size > 1 else conv(o, c, 1, r)  # transposed: input resolution
     return enc, dec

@@ -45,6 +45,7 @@ __all__ = [
     "build_dense_mask",
     "build_image_step_block_mask",
     "build_image_step_mask",
+    "image_token_counts",
     "to_additive",
 ]
 
@@ -57,6 +58,12 @@ class TokenKind(IntEnum):
     IMAGE_CLEAN = 2
     IMAGE_NOISY = 3
     IMAGE_TARGET = 4
+
+
+def image_token_counts(token_kind: torch.Tensor) -> dict[str, int]:
+    """Tokens of each image copy in a batch: {"clean", "noisy", "target"} (`estimate_flops`'s image_tokens)."""
+    kinds = (("clean", TokenKind.IMAGE_CLEAN), ("noisy", TokenKind.IMAGE_NOISY), ("target", TokenKind.IMAGE_TARGET))
+    return {name: int((token_kind == kind).sum()) for name, kind in kinds}
 
 
 def to_additive(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

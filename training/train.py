@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_vae.py beside 
 
 from mmgen.config import Config, load_config, save_config_json
 from mmgen.data.packing import PackingConfig
-from mmgen.masks import TokenKind
+from mmgen.masks import image_token_counts
 from mmgen.objectives import get_objective
 from mmgen.processing_mmgen import MMGenProcessor
 from mmgen.training import checkpointing
@@ -126,17 +127,13 @@ def main(argv=None) -> None:
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if cfg.run.mixed_precision == "bf16" else torch.float32)
     progress = _progress(accelerator, step, cfg.optim.max_steps)
     guard = NonFiniteGuard(cfg.run.max_nonfinite_in_a_row)
-    last_time, images_seen, flops_seen = time.perf_counter(), 0, 0.0
+    last_time, images_seen, image_tokens = time.perf_counter(), 0, Counter()
     while step < cfg.optim.max_steps:
         model.train()
         for _ in range(cfg.optim.grad_accum):
             with accelerator.accumulate(model):
                 batch = next(stream)
-                kinds = batch["token_kind"]
-                image_tokens = {name: int((kinds == kind).sum()) for name, kind in (
-                    ("clean", TokenKind.IMAGE_CLEAN), ("noisy", TokenKind.IMAGE_NOISY), ("target", TokenKind.IMAGE_TARGET))}
-                flops_seen += world * raw_model.estimate_flops(tokens_per_step // cfg.optim.grad_accum // world,
-                                                               cfg.data.seq_len, image_tokens=image_tokens)
+                image_tokens.update(image_token_counts(batch["token_kind"]))  # this rank's, for the MFU
                 losses = compute_losses(model, vae, batch, loss_fn=loss_fn,
                                         lambda_img=cfg.objective.lambda_img, generator=generator, device=device,
                                         group_by_condition=group_by_condition)
@@ -159,9 +156,13 @@ def main(argv=None) -> None:
         if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
             now = time.perf_counter()
             seconds = (now - last_time) / cfg.run.log_every
+            # FLOPs are linear in the token counts: one estimate per log window (ranks assumed alike)
+            window_tokens = tokens_per_step // world * cfg.run.log_every
+            flops_per_step = world * raw_model.estimate_flops(window_tokens, cfg.data.seq_len,
+                                                              image_tokens=dict(image_tokens)) / cfg.run.log_every
             logs = {"loss": losses.loss.item(), "loss_text": losses.text.item(), "loss_image": losses.image.item(),
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
-                    "images_per_s": images_seen / (now - last_time), "mfu": mfu(flops_seen / cfg.run.log_every, seconds, peak),
+                    "images_per_s": images_seen / (now - last_time), "mfu": mfu(flops_per_step, seconds, peak),
                     "nonfinite_total": guard.total, **_scalars(losses.diagnostics), **_prefixed(stream.stats)}
             accelerator.log(logs, step=step)
             if accelerator.is_main_process:
@@ -170,7 +171,7 @@ def main(argv=None) -> None:
             progress.set_postfix(loss=f"{logs['loss']:.3f}", text=f"{logs['loss_text']:.3f}",
                                  img=f"{logs['loss_image']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
                                  mfu=f"{logs['mfu']:.1%}")
-            last_time, images_seen, flops_seen = now, 0, 0.0
+            last_time, images_seen, image_tokens = now, 0, Counter()
         progress.update(1)
         if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
             checkpointing.save_checkpoint(accelerator, run_dir, step, trainer_state={"peak_flops": peak_source},

@@ -63,10 +63,13 @@ class DataSection:
     # source=shapes: document kinds and their mix, NAME or NAME=WEIGHT (t2i, caption, vqa, multiturn);
     # () = all four with mmgen.data.shapes_docs.TASK_WEIGHTS
     tasks: tuple[str, ...] = ()
+    max_objects: int = 4  # source=shapes: the most objects in a scene (1 = single objects only)
 
     def __post_init__(self):
         if self.prefetch < 0 or self.num_workers < 0:
             raise ConfigError(f"data.prefetch and data.num_workers must be >= 0, got {self.prefetch}, {self.num_workers}")
+        if not 1 <= self.max_objects <= 4:
+            raise ConfigError(f"data.max_objects must be in 1..4, got {self.max_objects}")
         if self.tasks:
             from mmgen.data.shapes_docs import parse_task_weights
 

@@ -445,3 +445,33 @@ def test_shapes_shards_are_rebuilt_when_their_settings_change(tmp_path, capsys):
     (tmp_path / "train-000009.tar").write_bytes(b"partial")
     ensure_shapes_shards(tmp_path, num_docs=5, resolution=32, seed=0, samples_per_shard=4, tasks=["t2i"])
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+
+
+def test_max_objects_limits_every_scene_and_older_manifests_mean_four(tmp_path, capsys):
+    """data.max_objects (a curriculum's single-object stage): every scene of every task holds at most that
+    many objects; shards whose manifest predates the setting count as max_objects 4 and are kept."""
+    import json
+
+    from mmgen.data.shapes import iter_documents
+    from mmgen.training.data import ensure_shapes_shards
+
+    counts = {m: [len(s["objects"]) for d in iter_documents(120, seed=3, max_objects=m) for s in d["meta"]["scenes"]]
+              for m in (1, 2, 4)}
+    assert set(counts[1]) == {1} and set(counts[2]) == {1, 2} and max(counts[4]) == 4
+    tasks = {d["meta"]["task"] for d in iter_documents(120, seed=3, max_objects=1)}
+    assert tasks == {"t2i", "caption", "vqa", "multiturn"}  # every kind still drawn
+    with pytest.raises(ValueError, match="max_objects"):
+        next(iter_documents(1, seed=3, max_objects=5))
+
+    ensure_shapes_shards(tmp_path, num_docs=4, resolution=32, seed=0, samples_per_shard=4)
+    manifest = tmp_path / "train-manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["config"]["max_objects"]  # as written before the setting existed
+    manifest.write_text(json.dumps(data))
+    first = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    ensure_shapes_shards(tmp_path, num_docs=4, resolution=32, seed=0, samples_per_shard=4, max_objects=4)
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == first
+    ensure_shapes_shards(tmp_path, num_docs=4, resolution=32, seed=0, samples_per_shard=4, max_objects=1)
+    assert "rebuilding" in capsys.readouterr().err
+    got = read_all(WebDocuments(str(tmp_path / "train-*.tar"), resolution=32, shuffle=False))
+    assert all(len(s["objects"]) == 1 for d in got for s in d["meta"]["scenes"])

@@ -109,10 +109,11 @@ def iter_jsonl_samples(path: str, image_root: str, skipped: Counter) -> Iterator
 
 
 def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int,
-                        tasks: list[str] | None = None) -> Iterator[dict]:
+                        tasks: list[str] | None = None, max_objects: int = 4) -> Iterator[dict]:
     from mmgen.data.shapes import iter_documents  # the shapes world (issue 4 §1)
 
-    documents = iter_documents(num_docs, seed=seed, split=split, resolution=resolution, tasks=tasks)
+    documents = iter_documents(num_docs, seed=seed, split=split, resolution=resolution, tasks=tasks,
+                               max_objects=max_objects)
     for index, document in enumerate(documents):
         yield encode_document(document, f"{index:09d}")
 
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resolution", type=int, default=32, help="shapes: render size")
     parser.add_argument("--tasks", nargs="+", help="shapes: the document kinds and their mix, NAME or NAME=WEIGHT "
                         "(t2i caption vqa multiturn; default all, mixed by mmgen.data.shapes_docs.TASK_WEIGHTS)")
+    parser.add_argument("--max-objects", type=int, default=4,
+                        help="shapes: the most objects in a scene, 1..4 (1: single objects, a curriculum's first stage)")
     parser.add_argument("--jsonl", help="jsonl: input file")
     parser.add_argument("--image-root", default=".", help="jsonl: directory image paths are relative to")
     args = parser.parse_args(argv)
@@ -160,7 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.source == "shapes":
         if args.num_docs is None:
             parser.error("--source shapes needs --num-docs")
-        samples = iter_shapes_samples(args.num_docs, args.seed, args.split, args.resolution, args.tasks)
+        if not 1 <= args.max_objects <= 4:
+            parser.error(f"--max-objects must be in 1..4, got {args.max_objects}")
+        samples = iter_shapes_samples(args.num_docs, args.seed, args.split, args.resolution, args.tasks,
+                                      args.max_objects)
         total = args.num_docs
     else:
         if args.jsonl is None:
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.source == "shapes":
         config = {k: v for k, v in config.items() if k not in ("jsonl", "image_root")}
     else:
-        config = {k: v for k, v in config.items() if k not in ("num_docs", "seed", "resolution", "tasks")}
+        config = {k: v for k, v in config.items()
+                  if k not in ("num_docs", "seed", "resolution", "tasks", "max_objects")}
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": args.source,

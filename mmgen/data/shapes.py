@@ -246,13 +246,16 @@ def sample_scene(
     num_objects: int | None = None,
     split: str = "train",
     combos: list[tuple[str, str]] | None = None,
+    max_objects: int = 4,
 ) -> Scene:
-    """A random well-formed scene. `num_objects` in 1..4 (random if None). Split "train" and
+    """A random well-formed scene. `num_objects` in 1..4 (random in 1..`max_objects` if None). Split "train" and
     "heldout_templates" use only train combos; "heldout_combos"/"heldout" scenes contain at
     least one held-out combo. `combos` fixes the objects' (colour, shape) explicitly."""
     allowed = combos_for(split)
     if combos is None:
-        n = num_objects if num_objects is not None else rng.randint(1, 4)
+        if not 1 <= max_objects <= 4:
+            raise ValueError(f"max_objects must be in 1..4, got {max_objects}")
+        n = num_objects if num_objects is not None else rng.randint(1, max_objects)
         if not 1 <= n <= 4:
             raise ValueError(f"num_objects must be in 1..4, got {n}")
         if n >= 2 and rng.random() < 0.3:  # counting scenes: n copies of one combo

@@ -167,16 +167,16 @@ def _question_text(question: dict, rng: random.Random, split: str) -> str:
 # --------------------------------------------------------------------------- tasks
 
 
-def _t2i(rng, split, res):
-    scene = sample_scene(rng, split=split)
+def _t2i(rng, split, res, max_objects=4):
+    scene = sample_scene(rng, split=split, max_objects=max_objects)
     spec = scene_spec(scene, rng)
     prompt = G.realise_request("t2i", spec, rng.choice(G.templates_for("t2i", split)), rng)
     segs = [{"text": f"{USER}{prompt}{END}{ASSISTANT}"}, {"image": render(scene, res)}, {"text": END}]
     return segs, {"scenes": [scene.to_dict()], "prompt": spec}
 
 
-def _caption(rng, split, res):
-    scene = sample_scene(rng, split=split)
+def _caption(rng, split, res, max_objects=4):
+    scene = sample_scene(rng, split=split, max_objects=max_objects)
     spec = scene_spec(scene, rng)
     ask = rng.choice(G.templates_for("describe", split))
     caption = G.realise_request("caption", spec, rng.choice(G.templates_for("caption", split)), rng)
@@ -184,8 +184,8 @@ def _caption(rng, split, res):
     return segs, {"scenes": [scene.to_dict()], "caption": spec}
 
 
-def _vqa(rng, split, res):
-    scene = sample_scene(rng, split=split)
+def _vqa(rng, split, res, max_objects=4):
+    scene = sample_scene(rng, split=split, max_objects=max_objects)
     question = sample_question(scene, rng, split)
     answer = answer_question(question, scene)
     text = f"{_question_text(question, rng, split)}{END}{ASSISTANT}{G.realise_answer(answer)}{END}"
@@ -193,11 +193,12 @@ def _vqa(rng, split, res):
     return segs, {"scenes": [scene.to_dict()], "question": question, "answer": answer}
 
 
-def _multiturn(rng, split, res):
-    """Draw one object, then add objects (mostly relative to the last one), with questions."""
+def _multiturn(rng, split, res, max_objects=4):
+    """Draw one object, then add objects (mostly relative to the last one), with questions; 2..4 objects
+    (1..`max_objects` when that is below 2)."""
     combos = list(combos_for(split))
     need_heldout = split in ("heldout_combos", "heldout")
-    num_objects = rng.randint(2, 4)
+    num_objects = rng.randint(min(2, max_objects), max_objects)
     heldout_at = rng.randrange(num_objects) if need_heldout else -1
     scenes, turns, segs = [], [], []
     scene = Scene(())
@@ -255,16 +256,21 @@ def make_document(
     split: str = "train",
     resolution: int = 32,
     tasks: Sequence[str] | Mapping[str, float] | None = None,
+    max_objects: int = 4,
 ) -> dict:
     """Document number `index` of the stream (seed, split): the same whatever else is drawn.
 
-    `tasks`: the document kinds and their mix (see `parse_task_weights`; default `TASK_WEIGHTS`)."""
+    `tasks`: the document kinds and their mix (see `parse_task_weights`; default `TASK_WEIGHTS`).
+    `max_objects` (1..4): the most objects in a scene (a curriculum's first stage: 1); at 4 the documents are
+    those of every earlier version."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if not 1 <= max_objects <= 4:
+        raise ValueError(f"max_objects must be in 1..4, got {max_objects}")
     weights = parse_task_weights(tasks)
     rng = random.Random(f"mmgen-shapes/{seed}/{split}/{index}")
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
-    segments, meta = _BUILDERS[task](rng, split, resolution)
+    segments, meta = _BUILDERS[task](rng, split, resolution, max_objects)
     meta = {"task": task, "split": split, "index": index, "seed": seed, "resolution": resolution, **meta}
     return {"segments": _merge_text(segments), "meta": meta}
 
@@ -277,11 +283,13 @@ def iter_documents(
     resolution: int = 32,
     tasks: Sequence[str] | Mapping[str, float] | None = None,
     start: int = 0,
+    max_objects: int = 4,
 ) -> Iterator[dict]:
     """Documents start .. start+num_docs-1 of the deterministic stream (endless if num_docs is None)."""
     index = start
     while num_docs is None or index < start + num_docs:
-        yield make_document(index, seed=seed, split=split, resolution=resolution, tasks=tasks)
+        yield make_document(index, seed=seed, split=split, resolution=resolution, tasks=tasks,
+                            max_objects=max_objects)
         index += 1
 
 

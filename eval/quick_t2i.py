@@ -35,12 +35,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--num", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (generation runs where the model is)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--sampler", choices=["pushforward", "euler", "restart"], default=None,
                         help="default: the model's objective's own (IMM: pushforward, flow matching: euler)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = AutoModel.from_pretrained(args.model).eval()
+    model = AutoModel.from_pretrained(args.model).eval().to(args.device)
     processor = AutoProcessor.from_pretrained(args.model)
     results = {}
     for groups, name in ((1, "single"), (2, "two")):

@@ -5,6 +5,8 @@
 #   bash eval/gpu_ladder.sh          (OUT=dir for the results; DRY=1 = a tiny CPU rehearsal of the script)
 # Runs still training at TRAIN_DEADLINE seconds are stopped and exported from their newest checkpoint
 # (resumed with --optim.max_steps set to that step: no further step, the cosine schedule unfinished).
+# ONLY="U64 FM64" keeps those runs; RESUME=1 continues runs already in runs/ladder from their newest checkpoint
+# (their old export removed; S64/S16 = the new max_steps, which stretches the cosine schedule from there).
 set -u
 shopt -s nullglob
 T0=$(date +%s)
@@ -36,6 +38,14 @@ FM64|default_fm|--model.image_head unet $B64 --optim.max_steps $S64
 M2_64|default|--model.image_head unet $B64 --optim.max_steps $S64 --data.max_objects 2 --data.shapes_dir runs/data/m2
 S1T64|default|--model.image_head unet $B64 --optim.max_steps $S64 --data.max_objects 1 --data.tasks t2i=1.0 --data.shapes_dir runs/data/m1t2i
 "
+if [ -n "${ONLY:-}" ]; then
+  RUNS=$(echo "$RUNS" | while IFS='|' read -r name rest; do [[ " $ONLY " == *" $name "* ]] && echo "$name|$rest"; done)
+fi
+if [ -n "${RESUME:-}" ]; then
+  for name in $(echo "$RUNS" | cut -d'|' -f1); do rm -rf $R/$name/final; done
+else
+  rm -rf $R
+fi
 COMMON="--run.output_dir $R --run.checkpoint_every $CK --run.tracker none --run.sample_every 0 --eval.at_end false --run.log_every 50 --data.num_docs $DOCS $EXTRA"
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
@@ -84,16 +94,17 @@ done <<< "$RUNS"
 wait $pids 2>/dev/null
 echo "[$(el)s] exported: $(ls -d $R/*/final | tr '\n' ' ')"
 pids=""
-for d in $R/*/final; do
-  name=$(basename $(dirname $d))
+NAMES=$(echo "$RUNS" | cut -d'|' -f1)
+for name in $NAMES; do
+  d=$R/$name/final; [ -d $d ] || continue
   OMP_NUM_THREADS=2 timeout -s KILL $(( EVAL_DEADLINE - $(el) )) $PY eval/quick_t2i.py --model $d \
     --out $OUT/res/quick_$name.json --steps 1 4 8 --num $NUM --device $DEV --threads 2 > $OUT/res/quick_$name.log 2>&1 &
   pids="$pids $!"
 done
 wait $pids 2>/dev/null
 echo "[$(el)s] evaluated: $(ls $OUT/res/quick_*.json 2>/dev/null | tr '\n' ' ')"
-for d in $R/*/; do
-  name=$(basename $d)
+for name in $NAMES; do
+  d=$R/$name
   echo "$name: $(tail -1 $d/metrics.jsonl 2>/dev/null | cut -c1-300)"
   cp $d/metrics.jsonl $OUT/res/metrics_$name.jsonl 2>/dev/null
   cp $d/final/config.json $OUT/res/config_$name.json 2>/dev/null

@@ -24,6 +24,10 @@ class ModelSection:
     """The network: a Hugging Face causal-LM backbone plus the image embedding and head."""
 
     init_text_model: str | None = None  # pretrained causal LM (Hub id or dir); None = from scratch
+    # an mmgen export (save_pretrained dir or Hub id) whose weights start this run (a curriculum's next stage,
+    # fine-tuning); the architecture comes from this config and must match it. Optimizer, schedule and data
+    # start fresh; a checkpoint of this run, when resumed, takes precedence.
+    init_from: str | None = None
     backbone: Literal["llama", "qwen2"] = "llama"  # architecture when training from scratch
     hidden_size: int = 256
     num_layers: int = 6
@@ -40,6 +44,10 @@ class ModelSection:
     vae: str = "runs/vae"  # diffusers AutoencoderKL dir (with latent stats) or Hub id
     tokenizer: str = "tokenizers/shapes"
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.init_from and self.init_text_model:
+            raise ConfigError("model.init_from and model.init_text_model are exclusive: one source of initial weights")
 
 
 @dataclass(frozen=True, kw_only=True)

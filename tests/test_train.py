@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ROOT, launch, losses, make_tiny_vae
+from train_helpers import ROOT, TINY, launch, losses, make_tiny_vae
 
 GOLDEN = ROOT / "tests" / "data" / "golden_losses.json"
 
@@ -155,3 +155,32 @@ def test_run_seed_does_not_rebuild_the_shared_shards_but_data_seed_does(inputs, 
     capsys.readouterr()
     assert prepare("--run.seed", "6") == 0 and "rebuilding" not in capsys.readouterr().err
     assert prepare("--data.seed", "1") == 1 and "rebuilding" in capsys.readouterr().err
+
+
+def test_init_from_an_export_starts_from_its_weights_and_rejects_another_architecture(tmp_path):
+    """model.init_from (a curriculum's next stage): the built model holds the export's weights exactly; an
+    export of another width is refused with an error naming the setting."""
+    from mmgen.config import ConfigError, load_config
+    from mmgen.training.build import build_model, build_tokenizer, load_run_vae
+
+    vae_dir = make_tiny_vae(tmp_path / "vae")
+    vae = load_run_vae(str(vae_dir), 1.0)
+    base = ["--model.vae", str(vae_dir), "--model.image_head", "unet", "--model.image_unet_width", "8"]
+    cfg = load_config(TINY, base)
+    torch.manual_seed(1)
+    first = build_model(cfg, build_tokenizer(cfg), vae)
+    first.save_pretrained(tmp_path / "stage1")
+    torch.manual_seed(2)  # another init: only init_from can make the weights equal
+    second = build_model(load_config(TINY, [*base, "--model.init_from", str(tmp_path / "stage1")]),
+                         build_tokenizer(cfg), vae)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(2)
+    fresh = build_model(cfg, build_tokenizer(cfg), vae).state_dict()
+    assert not all(torch.equal(a[k], fresh[k]) for k in a)
+
+    with pytest.raises(ValueError, match="model.init_from"):
+        wider = [*base, "--model.hidden_size", "48", "--model.init_from", str(tmp_path / "stage1")]
+        build_model(load_config(TINY, wider), build_tokenizer(cfg), vae)
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config(TINY, ["--model.init_from", "x", "--model.init_text_model", "y"])

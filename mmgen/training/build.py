@@ -70,11 +70,31 @@ def build_model(cfg: Config, tokenizer, vae: MMGenVAE) -> MMGenForConditionalGen
         config = MMGenConfig(text_config=text_config(cfg, len(tokenizer)),
                              attn_implementation=m.attn_implementation, **common)
         model = MMGenForConditionalGeneration(config)
+    if m.init_from:
+        init_weights_from(model, m.init_from)
     model.vae.load_state_dict(vae.state_dict())
     model.vae.requires_grad_(False)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def init_weights_from(model: MMGenForConditionalGeneration, source: str) -> None:
+    """Copy every weight of the mmgen export `source` into `model` (strict: same names and shapes)."""
+    try:
+        pretrained = MMGenForConditionalGeneration.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.init_from: cannot load an mmgen export from {source!r}: {err}") from err
+    theirs, ours = pretrained.state_dict(), model.state_dict()
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    wrong = [f"{k} {tuple(theirs[k].shape)} (here {tuple(v.shape)})" for k, v in ours.items()
+             if k in theirs and theirs[k].shape != v.shape]
+    if missing or extra or wrong:
+        raise ValueError(
+            f"model.init_from {source!r}: its weights do not fit the model this config builds (model.* and the "
+            f"VAE must match): missing {missing[:5]}, unexpected {extra[:5]}, other shapes {wrong[:5]}"
+        )
+    model.load_state_dict(theirs)
 
 
 def build_tokenizer(cfg: Config):

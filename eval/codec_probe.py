@@ -4,6 +4,7 @@
     python eval/codec_probe.py --arch hybrid --prompt-film none --out runs/probe/hybrid_tokens_only
     python eval/codec_probe.py --arch hybrid --out runs/probe/hybrid  # like image_head=unet (the default)
     python eval/codec_probe.py --arch unet --out runs/probe/unet     # no transformer at all
+    python eval/codec_probe.py --prompt text --objects 2 --out runs/probe/two  # two-object prompts
 
 The full model spends most of its compute on text, clean copies and IMM's target copies, so a question
 about the image pathway alone ("would another codec learn faster?") costs ~15 minutes of training per
@@ -12,6 +13,9 @@ the stage-1 VAE, and a small network is trained with flow matching to draw one o
 (colour, shape) pairs given as a class (plus a null class, dropped 10% of the time). Samples (16 Euler
 steps) are judged like ShapeEval's single-object task: exactly one object, of the asked colour and shape,
 valid image. It prints accuracy against images seen and writes `OUT.json` and `OUT.png` (samples).
+`--objects 2` asks the same of two-object scenes ("Draw a red circle and a blue square.", "Draw two red
+circles."; 576 ordered prompts), judged like ShapeEval's two-object task: exactly one of each of two
+different train pairs and nothing else — attribute binding, which the full model fails (README "Status").
 
 Architectures (same width and depth as the default backbone: 4 layers, 192 wide):
 - dit: linear patch embedding -> transformer (class token + patches; adaLN optional) -> linear head;
@@ -50,21 +54,44 @@ from mmgen.data.judge import check_spec, judge_image
 from mmgen.data.shapes import COLOURS, SHAPES, TRAIN_COMBOS, sample_scene
 
 SIGMA_DATA = 0.5
-NULL = len(COLOURS) * len(SHAPES)  # class index of "no prompt"
+PAIRS = [(c, s) for c in COLOURS for s in SHAPES]  # every colour-shape pair, in class order
+NULL = len(PAIRS)  # class index of "no prompt" (single objects; two objects: num_classes(2) - 1)
 
 
 def class_of(colour: str, shape: str) -> int:
     return COLOURS.index(colour) * len(SHAPES) + SHAPES.index(shape)
 
 
-def prompt_token_ids(tokenizer_dir: str) -> torch.Tensor:
-    """(classes + 1, T) ids of "Draw a {colour} {shape}.<|boi|>" per class (the null class: "<|boi|>"),
-    left-padded with <|pad|> (0), which the stand-in treats as an ordinary token."""
+def num_classes(objects: int) -> int:
+    """Prompts + the null prompt: one per pair, or one per ordered two pairs (scene order)."""
+    return len(PAIRS) ** objects + 1
+
+
+def class_of_pairs(pairs) -> int:
+    """The class of an ordered list of (colour, shape): a single pair's, or (first, second) in base 24."""
+    index = 0
+    for colour, shape in pairs:
+        index = index * len(PAIRS) + class_of(colour, shape)
+    return index
+
+
+def prompt_texts(objects: int) -> list[str]:
+    """The prompt of every class, as the shapes grammar says it, then the null prompt."""
+    if objects == 1:
+        texts = [f"Draw a {c} {s}." for c, s in PAIRS]
+    else:
+        texts = [f"Draw two {c1} {s1}s." if (c1, s1) == (c2, s2) else f"Draw a {c1} {s1} and a {c2} {s2}."
+                 for c1, s1 in PAIRS for c2, s2 in PAIRS]
+    return [t + "<|boi|>" for t in texts] + ["<|boi|>"]
+
+
+def prompt_token_ids(tokenizer_dir: str, objects: int = 1) -> torch.Tensor:
+    """(classes + 1, T) ids of each class's prompt ("Draw a {colour} {shape}.<|boi|>"; the null class:
+    "<|boi|>"), left-padded with <|pad|> (0), which the stand-in treats as an ordinary token."""
     from mmgen.tokenization import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    texts = [f"Draw a {c} {s}.<|boi|>" for c in COLOURS for s in SHAPES] + ["<|boi|>"]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(objects)]
     T = max(map(len, ids))
     return torch.tensor([[0] * (T - len(i)) + i for i in ids])
 
@@ -121,7 +148,7 @@ class DiT(nn.Module):
         self.N, D = (H // a.patch) ** 2, C * a.patch**2
         self.inp = nn.Linear(D, a.width)
         self.pos = nn.Parameter(torch.randn(1, self.N, a.width) * 0.02)
-        self.cls = nn.Embedding(NULL + 1, a.width)
+        self.cls = nn.Embedding(num_classes(a.objects), a.width)
         self.t = nn.Sequential(nn.Linear(256, a.width), nn.SiLU(), nn.Linear(a.width, a.width))
         self.blocks = nn.ModuleList(Block(a.width, a.heads, a.adaln) for _ in range(a.layers))
         self.norm = nn.LayerNorm(a.width)
@@ -146,7 +173,7 @@ class UNet(nn.Module):
     def __init__(self, a, C: int, H: int):
         super().__init__()
         ch, w = a.ch, a.width
-        self.cls = nn.Embedding(NULL + 1, w)
+        self.cls = nn.Embedding(num_classes(a.objects), w)
         self.t = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
         self.inp = nn.Conv2d(C, ch, 3, padding=1)
         self.d1, self.down1 = ResBlock(ch, w), nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1)
@@ -177,10 +204,10 @@ class Hybrid(nn.Module):
         super().__init__()
         ch, w = a.ch, a.width
         self.prompt_film = a.prompt_film
-        self.cls = nn.Embedding(NULL + 1, w)
+        self.cls = nn.Embedding(num_classes(a.objects), w)
         self.text = None
         if a.prompt == "text":  # the class as the full model sees it: "Draw a red circle.<|boi|>", causal
-            ids = prompt_token_ids(a.tokenizer)  # (classes + 1, T), left-padded
+            ids = prompt_token_ids(a.tokenizer, a.objects)  # (classes + 1, T), left-padded
             self.register_buffer("prompt_ids", ids, persistent=False)
             self.text = nn.Embedding(int(ids.max()) + 1, w)
             self.text_pos = nn.Parameter(torch.randn(1, ids.shape[1], w) * 0.02)
@@ -228,12 +255,16 @@ class Hybrid(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model, decode, shape, num: int, sample_steps: int) -> tuple[float, dict, np.ndarray]:
-    """Single-object exact accuracy of `num` samples (train combos in turn, fixed noise)."""
+def evaluate(model, decode, shape, num: int, sample_steps: int, objects: int = 1) -> tuple[float, dict, np.ndarray]:
+    """Exact accuracy of `num` samples (fixed noise): single objects = the train combos in turn; two objects =
+    two different train combos (i, 7i + 3), exactly one of each and nothing else, as ShapeEval's two-object
+    task asks."""
     model.eval()
     g = torch.Generator().manual_seed(123)
-    combos = [TRAIN_COMBOS[i % len(TRAIN_COMBOS)] for i in range(num)]
-    y = torch.tensor([class_of(c, s) for c, s in combos])
+    n = len(TRAIN_COMBOS)
+    asked = [[TRAIN_COMBOS[i % n]] if objects == 1 else [TRAIN_COMBOS[i % n], TRAIN_COMBOS[(7 * i + 3) % n]]
+             for i in range(num)]
+    y = torch.tensor([class_of_pairs(pairs) for pairs in asked])
     x = torch.randn((num, *shape), generator=g) * SIGMA_DATA
     ts = torch.linspace(1, 0, sample_steps + 1)
     for i in range(sample_steps):
@@ -242,10 +273,10 @@ def evaluate(model, decode, shape, num: int, sample_steps: int) -> tuple[float, 
         x = x - (ts[i] - ts[i + 1]) * v  # Euler on dx/dt = eps - x0
     images = ((decode(x) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     ok, parts = 0, {"colours": 0, "shapes": 0, "nothing_extra": 0}
-    for image, (colour, shape_name) in zip(images, combos):
+    for image, pairs in zip(images, asked):
         j = judge_image(image)
-        v = check_spec({"objects": [{"colour": colour, "shape": shape_name, "count": 1}], "relations": []},
-                       j.objects)
+        spec = {"objects": [{"colour": c, "shape": s, "count": 1} for c, s in pairs], "relations": []}
+        v = check_spec(spec, j.objects)
         ok += bool(v["counts"] and v["nothing_extra"] and j.valid)
         for k in parts:
             parts[k] += bool(v[k])
@@ -259,6 +290,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-film", choices=("cls", "none"), default="cls", help="hybrid: class state in up blocks")
     p.add_argument("--prompt", choices=("class", "text"), default="class",
                    help="hybrid: the class as one embedding, or as the tokenised prompt under causal attention")
+    p.add_argument("--objects", type=int, choices=(1, 2), default=1,
+                   help="objects per scene; 2: two-object scenes and prompts (the grammar's 'a X and a Y' / 'two Xs')")
     p.add_argument("--tokenizer", default="tokenizers/shapes")
     p.add_argument("--vae", default="runs/vae", help="stage-1 output (training/train_vae.py)")
     p.add_argument("--patch", type=int, default=4, help="dit: patch size on the latent")
@@ -283,10 +316,11 @@ def main(argv=None) -> None:
 
     vae = load_vae(a.vae)
     rng = random.Random(a.seed)
-    scenes = [sample_scene(rng, num_objects=1) for _ in range(a.num_data)]
+    scenes = [sample_scene(rng, num_objects=a.objects) for _ in range(a.num_data)]
     with torch.no_grad():
         latents = torch.cat([vae.encode(render_batch(scenes[i : i + 512], 32)) for i in range(0, a.num_data, 512)])
-    labels = torch.tensor([class_of(s.objects[0].colour, s.objects[0].shape) for s in scenes])
+    labels = torch.tensor([class_of_pairs([(o.colour, o.shape) for o in s.objects]) for s in scenes])
+    null = num_classes(a.objects) - 1
     C, H = latents.shape[1], latents.shape[2]
     model = {"dit": DiT, "unet": UNet, "hybrid": Hybrid}[a.arch](a, C, H)
     num_params = sum(q.numel() for q in model.parameters())
@@ -298,7 +332,7 @@ def main(argv=None) -> None:
     for step in range(1, a.steps + 1):
         idx = torch.randint(0, len(latents), (a.batch,), generator=g)
         x, y = latents[idx], labels[idx].clone()
-        y[torch.rand(a.batch, generator=g) < 0.1] = NULL
+        y[torch.rand(a.batch, generator=g) < 0.1] = null
         t = torch.rand(a.batch, generator=g)
         eps = torch.randn(x.shape, generator=g) * SIGMA_DATA
         tt = t[:, None, None, None]
@@ -311,9 +345,10 @@ def main(argv=None) -> None:
         opt.step()
         sched.step()
         if step % a.eval_every == 0 or step == a.steps:
-            acc, parts, images = evaluate(model, vae.decode, (C, H, H), a.num_eval, a.sample_steps)
+            acc, parts, images = evaluate(model, vae.decode, (C, H, H), a.num_eval, a.sample_steps, a.objects)
             row = {"step": step, "images_seen": step * a.batch, "loss": round(loss.item(), 5),
-                   "single_object": acc, **parts, "seconds": round(time.time() - start, 1)}
+                   ("single_object" if a.objects == 1 else "two_object"): acc, **parts,
+                   "seconds": round(time.time() - start, 1)}
             log.append(row)
             print(row, flush=True)
     out = Path(a.out)

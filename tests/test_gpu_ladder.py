@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from train_helpers import load_script
 
 

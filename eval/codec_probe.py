@@ -28,7 +28,11 @@ Measured on the 2-core CPU (one thread per run, seed 0, 96 samples per point; is
 exact accuracy after 19,200 / 38,400 images (300 / 600 steps of 64), this script: dit 0.04 / 0.04, hybrid
 0.18 / 0.57, hybrid with the tokenised prompt (`--prompt text`) 0.28 / 0.67 and with it only in the tokens
 (`--prompt text --prompt-film none`) 0.09 / 0.23 (`docs/probe/`: `--steps 600`); an earlier form of it: hybrid with the class only in the
-tokens (`--prompt-film none`) 0.07 / 0.22, unet 0.52 / 0.68, dit after 153,600 images 0.13.
+tokens (`--prompt-film none`) 0.07 / 0.22, unet 0.52 / 0.68, dit after 153,600 images 0.13. Two objects
+(`--prompt text --objects 2 --steps 6000 --eval-every 1000`, docs/probe/two_*): after 64k / 128k / 256k /
+384k images 0.00 / 0.06 / 0.14 / 0.03 with the `<|boi|>` state in the up blocks, 0.00 / 0.01 / 0.02 / 0.00
+without (96 samples per point; constant lr) — ten times the images of single objects for a tenth of the
+accuracy.
 """
 
 from __future__ import annotations

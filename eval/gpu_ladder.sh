@@ -51,15 +51,12 @@ COMMON="--run.output_dir $R --run.checkpoint_every $CK --run.tracker none --run.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
 $PY -c "import torch, transformers, accelerate, webdataset; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'tf', transformers.__version__, 'accelerate', accelerate.__version__)" || exit 3
 # each shapes_dir built once, in parallel, before the runs read them
-for spec in "runs/data/shapes-train|--tasks t2i=0.7 caption=0.2 vqa=0.05 multiturn=0.05" \
-            "runs/data/m2|--tasks t2i=0.7 caption=0.2 vqa=0.05 multiturn=0.05 --max-objects 2" \
-            "runs/data/m1t2i|--tasks t2i=1.0 --max-objects 1"; do
-  dir=${spec%%|*}; args=${spec#*|}
-  $PY -c "
-import sys; from mmgen.training.data import ensure_shapes_shards as e
-a = sys.argv[2:]; m = int(a[a.index('--max-objects') + 1]) if '--max-objects' in a else 4
-t = a[a.index('--tasks') + 1:(a.index('--max-objects') if '--max-objects' in a else len(a))]
-e(sys.argv[1], num_docs=$DOCS, resolution=32, seed=0, tasks=t, max_objects=m)" $dir $args > $OUT/res/shards_$(basename $dir).log 2>&1 &
+MIX="t2i=0.7 caption=0.2 vqa=0.05 multiturn=0.05"
+for spec in "runs/data/shapes-train|4|$MIX" "runs/data/m2|2|$MIX" "runs/data/m1t2i|1|t2i=1.0"; do
+  IFS='|' read -r dir max tasks <<< "$spec"
+  $PY -c "import sys; from mmgen.training.data import ensure_shapes_shards as e
+e(sys.argv[1], num_docs=$DOCS, resolution=32, seed=0, max_objects=int(sys.argv[2]), tasks=sys.argv[3:])" \
+    $dir $max $tasks > $OUT/res/shards_$(basename $dir).log 2>&1 &
 done
 wait
 echo "[$(el)s] shards ready: $(ls runs/data/*/train-manifest.json | tr '\n' ' ')"

@@ -85,16 +85,11 @@ def init_weights_from(model: MMGenForConditionalGeneration, source: str) -> None
         pretrained = MMGenForConditionalGeneration.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ValueError(f"model.init_from: cannot load an mmgen export from {source!r}: {err}") from err
-    theirs, ours = pretrained.state_dict(), model.state_dict()
-    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-    wrong = [f"{k} {tuple(theirs[k].shape)} (here {tuple(v.shape)})" for k, v in ours.items()
-             if k in theirs and theirs[k].shape != v.shape]
-    if missing or extra or wrong:
-        raise ValueError(
-            f"model.init_from {source!r}: its weights do not fit the model this config builds (model.* and the "
-            f"VAE must match): missing {missing[:5]}, unexpected {extra[:5]}, other shapes {wrong[:5]}"
-        )
-    model.load_state_dict(theirs)
+    try:
+        model.load_state_dict(pretrained.state_dict())
+    except RuntimeError as err:  # torch names the missing, unexpected and mis-shaped tensors
+        raise ValueError(f"model.init_from {source!r}: its weights do not fit the model this config builds "
+                         f"(model.* and the VAE must match): {err}") from err
 
 
 def build_tokenizer(cfg: Config):

@@ -103,8 +103,13 @@ def speed_table(results: dict) -> list[str]:
     t = s["training"]
     lines += ["### Speed", "", (f"Training: {t['tokens_per_s']:.0f} tokens/s ({t['rows']}x{t['seq_len']} rows, "
               f"{t['seconds_per_step']:.3f} s/step, {t['dtype']}), MFU {t['mfu']:.4f} of {t['peak_flops'] / 1e12:.2f} "
-              f"TFLOP/s ({t['peak_source']})."), "",
-              f"Image latency (prefix {s['image_latency']['prefix']} tokens, guidance {s['image_latency']['guidance']}):", "",
+              f"TFLOP/s ({t['peak_source']})."), ""]
+    if "training_full_target" in s:
+        f = s["training_full_target"]
+        lines += [(f"IMM target branch over the student pass's keys/values ({t.get('target_pass', 'prefix')}): "
+                   f"{t['seconds_per_step']:.3f} s/step; as a second full forward: {f['seconds_per_step']:.3f} "
+                   f"s/step ({f['seconds_per_step'] / t['seconds_per_step']:.2f}x the time)."), ""]
+    lines += [f"Image latency (prefix {s['image_latency']['prefix']} tokens, guidance {s['image_latency']['guidance']}):", "",
               "| steps | cached ms | no cache ms | no cache / cached | cached vs fewest steps |", "|---|---|---|---|---|"]  # fmt: skip
     for r in s["image_latency"]["rows"]:
         lines.append(f"| {r['num_steps']} | {r['cached_ms']:.1f} | {r['naive_ms']:.1f} | {r['speedup']:.2f}x | "

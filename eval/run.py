@@ -166,6 +166,10 @@ def main(argv=None) -> dict:
             "image_latency": speed.image_latency(model, prefix=counts["latency_prefix"], steps=steps,
                                                  guidance=scales[0], repeats=counts["latency_repeats"]),
         }  # fmt: skip
+        if model.config.objective == "imm":  # the baseline of the target branch: a second full forward
+            results["speed"]["training_full_target"] = speed.training_throughput(
+                model, processor, rows=counts["train_rows"], steps=counts["train_steps"], seed=args.seed,
+                target_pass="full")
         tick("speed")
     results["environment"] = {"device": str(args.device), "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),

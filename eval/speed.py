@@ -33,8 +33,10 @@ def _autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, steps: int = 3, seed: int = 0) -> dict:
-    """Tokens/s and MFU of the training step on `rows` x `seq_len` packed shapes rows (median of `steps`)."""
+def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, steps: int = 3, seed: int = 0,
+                        target_pass: str = "prefix") -> dict:
+    """Tokens/s and MFU of the training step on `rows` x `seq_len` packed shapes rows (median of `steps`).
+    target_pass: how IMM's target branch runs (`compute_losses`); "full" is the second-forward baseline."""
     from mmgen.objectives import get_objective
     from mmgen.training.perf import device_peak_flops, mfu
     from mmgen.training.step import compute_losses
@@ -61,7 +63,8 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
         _sync(device)
         start = time.perf_counter()
         with _autocast(device):
-            losses = compute_losses(net, net.vae, batch, loss_fn=loss_fn, lambda_img=1.0, generator=g, device=device)
+            losses = compute_losses(net, net.vae, batch, loss_fn=loss_fn, lambda_img=1.0, generator=g, device=device,
+                                    target_pass=target_pass)
         losses.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -74,7 +77,8 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
     del net, opt
     return {"tokens_per_step": tokens, "rows": rows, "seq_len": seq_len, "seconds_per_step": seconds,
             "tokens_per_s": tokens / seconds, "flops_per_step": flops, "peak_flops": peak, "peak_source": source,
-            "mfu": mfu(flops, seconds, peak), "dtype": "bf16-autocast", "steps_timed": steps}  # fmt: skip
+            "mfu": mfu(flops, seconds, peak), "dtype": "bf16-autocast", "steps_timed": steps,
+            "target_pass": target_pass}  # fmt: skip
 
 
 def image_latency(model, *, prefix: int = 256, steps=(1, 2, 4, 8), guidance: float = 1.0, repeats: int = 2) -> dict:

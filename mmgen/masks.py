@@ -172,8 +172,11 @@ def build_dense_mask(
     prefix_end: torch.Tensor,
     image_uncond: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    query_start: int = 0,
 ) -> torch.Tensor:
-    """Dense (B, 1, L, L) mask: additive float (0 / finfo(dtype).min) or bool with ``dtype=torch.bool``.
+    """Dense (B, 1, L - query_start, L) mask: additive float (0 / finfo(dtype).min) or bool with
+    ``dtype=torch.bool``. ``query_start`` > 0 keeps only the rows of the last queries (e.g. tokens run over
+    a cache of the first ``query_start`` keys).
 
     Vectorised: one broadcast of (B, L, 1) queries against (B, 1, L) keys, no loop over L.
     """
@@ -181,11 +184,13 @@ def build_dense_mask(
         token_kind, document_ids, image_ids, prefix_end, image_uncond
     )
     L = doc.shape[1]
-    q = lambda t: t[:, None, :, None]  # (B, 1, L, 1): query axis
+    if not 0 <= query_start < L:
+        raise ValueError(f"query_start must be in [0, L={L}), got {query_start}")
+    q = lambda t: t[:, None, query_start:, None]  # (B, 1, L - query_start, 1): query axis
     k = lambda t: t[:, None, None, :]  # (B, 1, 1, L): key axis
     idx = torch.arange(L, device=doc.device)
     allowed = _allowed(idx, q(doc), k(doc), q(lo), q(hi), k(visible), q(group), k(group))
-    return to_additive(allowed, dtype)  # (B, 1, L, L)
+    return to_additive(allowed, dtype)  # (B, 1, L - query_start, L)
 
 
 def build_block_mask(

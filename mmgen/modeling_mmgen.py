@@ -61,6 +61,21 @@ class MMGenOutput(ModelOutput):
     clean_outputs: torch.Tensor | None = None
     cache: Cache | None = None
     last_hidden_state: torch.Tensor | None = None
+    target_prefix: TargetPrefix | None = None
+
+
+@dataclass
+class TargetPrefix:
+    """What a training forward leaves for IMM's target copies (`forward(return_target_prefix=True)`).
+
+    The target copy x_r is run with the same weights as the student, and nothing attends to noisy
+    copies, so every TEXT/IMAGE_CLEAN token's keys and values are the same in both passes: the target
+    pass needs to run only its own image tokens over them (like a cached image step). cache: the
+    backbone's keys/values of the row's L tokens (detached, the null-context columns dropped);
+    hidden: the final hidden states (B, L, D), detached (the U-Net codec reads each image's <|boi|>)."""
+
+    cache: DynamicCache
+    hidden: torch.Tensor
 
 
 def _build_vae(config: MMGenConfig):
@@ -258,6 +273,8 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_clean_outputs: bool = False,
+        return_target_prefix: bool = False,
+        target_prefix: TargetPrefix | None = None,
         **kwargs,
     ) -> MMGenOutput:
         """CONTRACTS.md §3. Two modes:
@@ -273,9 +290,19 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         with `labels` None, (B, L, V) with values at TEXT positions and 0 elsewhere (vocab logits are
         never computed for image slots); else None (training: the loss needs only label positions).
         The loss shifts internally and ignores labels whose preceding token is not TEXT of the same document.
+
+        IMM's target copies without a second full pass: a packed forward with `return_target_prefix=True`
+        also returns `target_prefix` (its keys/values; None with flex_attention); the same rows' metadata with `target_latents`,
+        `target_t`, `target_s` and `target_prefix=` then run only the target copies — one per image, in the
+        slots of the rows' IMAGE_NOISY tokens — over that prefix and return `target_outputs`, equal to a
+        full forward with the target copies in the rows (`_target_forward`).
         """
         if input_ids is None:
             raise ValueError("input_ids is required (image slots carry the <|image|> placeholder id)")
+        if target_prefix is not None:
+            return self._target_forward(target_prefix, input_ids, position_ids, token_kind, document_ids,
+                                        image_ids, patch_ids, prefix_end, target_latents, target_t, target_s,
+                                        image_uncond)
         B, L = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -294,7 +321,9 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
                     "a cache with packed metadata is only for prefilling an empty cache with text and clean "
                     "images; use image_step() / append_clean_image() on a filled cache"
                 )
-            use_cache = bool(use_cache) if cache is None else True
+            use_cache = bool(use_cache or return_target_prefix) if cache is None else True
+            if return_target_prefix and cache is not None:
+                raise ValueError("return_target_prefix needs a forward without a cache (a training forward)")
             zeros = torch.zeros(clean_latents.shape[0] if clean_latents is not None else 0, device=embeds.device)
             clean = None if clean_latents is None else clean_latents / self.config.sigma_data
             copies = {
@@ -351,8 +380,57 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
             for kind, name in wanted.items():
                 if kind in conds:
                     outputs[name] = self._image_outputs(hidden, out.last_hidden_state, meta, kind, conds[kind])
+        if return_target_prefix and multimodal and self._attn_impl() != "flex_attention":
+            # None under FlexAttention: its BlockMask over a cache (Q_LEN != KV_LEN) failed to compile on CPU
+            # and a dense mask crashed (torch 2.13), so the caller runs the target copies in a full forward
+            outputs["target_prefix"] = self._target_prefix(out.cache, hidden, L)
         return MMGenOutput(loss=loss, logits=logits, cache=out.cache,
                            last_hidden_state=hidden, **outputs)
+
+    # ---- IMM target copies over the student pass's prefix ---------------------------------------------
+    def _target_prefix(self, cache: Cache, hidden: torch.Tensor, L: int) -> TargetPrefix:
+        prefix = DynamicCache(config=self.config.text_config)
+        for i, layer in enumerate(cache.layers):  # the first L columns: the null-context <|boi|>s are dropped
+            prefix.update(layer.keys[:, :, :L].detach(), layer.values[:, :, :L].detach(), i)
+        return TargetPrefix(cache=prefix, hidden=hidden.detach())
+
+    def _target_forward(self, prefix: TargetPrefix, input_ids, position_ids, token_kind, document_ids, image_ids,
+                        patch_ids, prefix_end, target_latents, target_t, target_s, image_uncond) -> MMGenOutput:
+        """Target copies only: row b's Q_b target tokens mirror its IMAGE_NOISY tokens (same image, patch,
+        position, prefix) and run over `prefix` (keys 0..L-1) and themselves; the mask is the packed rule's
+        rows for them on the row extended by the target copies. Conditional only (as IMM's target is)."""
+        if token_kind is None or target_latents is None:
+            raise ValueError("target_prefix needs the rows' packed metadata and target_latents")
+        if image_uncond is not None and bool(image_uncond.any()):
+            raise ValueError("target_prefix runs conditional target copies only; image_uncond must be all False")
+        B, L = input_ids.shape
+        if prefix.hidden.shape[:2] != (B, L) or prefix.cache.get_seq_length() != L:
+            raise ValueError(f"target_prefix was made for rows of shape {tuple(prefix.hidden.shape[:2])}, "
+                             f"not ({B}, {L})")
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        src = token_kind == TokenKind.IMAGE_NOISY
+        counts = src.sum(1)
+        Q = max(int(counts.max()), 1)
+        order = torch.argsort((~src).to(torch.int8), dim=1, stable=True)[:, :Q]  # noisy columns first, in order
+        valid = torch.arange(Q, device=src.device)[None, :] < counts[:, None]  # (B, Q)
+        pick = lambda t, fill: torch.where(valid, t.gather(1, order), torch.full_like(order, fill))
+        q_kind = torch.where(valid, int(TokenKind.IMAGE_TARGET), int(TokenKind.PAD))
+        q_doc, q_img, q_pid = pick(document_ids, -1), pick(image_ids, -1), pick(patch_ids, -1)
+        q_pe, q_pos, q_ids = pick(prefix_end, -1), pick(position_ids, 0), pick(input_ids, 0)
+        ext = [torch.cat([a, b], dim=1) for a, b in
+               ((token_kind, q_kind), (document_ids, q_doc), (image_ids, q_img), (prefix_end, q_pe))]
+        no_uncond = torch.zeros(target_latents.shape[0], dtype=torch.bool, device=input_ids.device)
+        embeds = self.get_input_embeddings()(q_ids)  # (B, Q, D); image slots overwritten next
+        embeds, conds = self._embed_images(embeds, q_kind, q_img, q_pid,
+                                           {TokenKind.IMAGE_TARGET: (target_latents, target_t, target_s)})
+        mask = build_dense_mask(*ext, no_uncond, dtype=embeds.dtype, query_start=L)  # (B, 1, Q, L + Q)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=q_pos,
+                            cache=FrozenPrefixCache(prefix.cache), use_cache=True)
+        meta = [q_kind, q_doc, q_img, q_pid, q_pe]
+        G = self._image_outputs(out.last_hidden_state, prefix.hidden, meta, TokenKind.IMAGE_TARGET,
+                                conds[TokenKind.IMAGE_TARGET])
+        return MMGenOutput(target_outputs=G, last_hidden_state=out.last_hidden_state)
 
     # ---- cached generation steps (DESIGN.md §6) --------------------------------------------------------
     def _image_tokens_on_cache(self, cache, prefix, latents, t_in, s_in, image_position, cache_attention_mask,

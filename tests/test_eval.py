@@ -66,11 +66,13 @@ def test_quick_run_writes_results_report_and_plots(quick_run):
     for acc in overall["tasks"].values():  # every accuracy carries its interval
         assert 0.0 <= acc["ci95"][0] <= acc["accuracy"] <= acc["ci95"][1] <= 1.0
     assert saved["speed"]["training"]["tokens_per_s"] > 0 and saved["perplexity"]["perplexity"] > 1
+    # an IMM model's training step is timed with both target branches, for the ratio in the report
+    assert [saved["speed"][k]["target_pass"] for k in ("training", "training_full_target")] == ["prefix", "full"]
     ppl = saved["perplexity"]  # the assistant's turns are a strict subset of the text tokens
     assert 0 < ppl["assistant"]["tokens"] < ppl["tokens"] and ppl["assistant"]["perplexity"] > 1
     report = (out / "report.md").read_text()
     assert "ShapeEval, heldout prompts" in report and "emission precision" in report
-    assert "Assistant turns only" in report
+    assert "Assistant turns only" in report and "as a second full forward" in report
     for name in ("shapeeval.png", "shapefd.png", "understanding.png", "latency.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     rows = shapeeval.read_jsonl(out / "runs" / "t2i" / "heldout" / "steps2_cfg1" / "metadata.jsonl")

@@ -127,6 +127,18 @@ def test_dense_matches_reference_on_random_packed_rows():
         assert torch.equal(got, reference_mask(*meta)), f"trial {trial}"
 
 
+def test_query_start_keeps_the_last_rows_of_the_dense_mask():
+    rng = random.Random(1)
+    for trial in range(10):
+        B, L = rng.randint(1, 3), rng.randint(8, 40)
+        tensors = as_tensors(*random_batch(rng, B, L))
+        start = rng.randint(1, L - 1)
+        full = build_dense_mask(*tensors, dtype=torch.bool)
+        assert torch.equal(build_dense_mask(*tensors, dtype=torch.bool, query_start=start), full[:, :, start:])
+    with pytest.raises(ValueError, match="query_start"):
+        build_dense_mask(*tensors, query_start=L)
+
+
 def test_random_generator_covers_every_kind_and_uncond():
     rng = random.Random(0)
     seen, flags = set(), set()

@@ -187,6 +187,8 @@ def test_sdpa_and_flex_attention_forward_agree():
     a, b = sdpa(**batch, **lat), flex(**batch, **lat)
     torch.testing.assert_close(a.image_outputs, b.image_outputs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    # no target pass over a cache with FlexAttention (it crashed on CPU): the trainer falls back to a full pass
+    assert flex(**batch, **lat, return_target_prefix=True).target_prefix is None
 
 
 @torch.no_grad()
@@ -219,3 +221,81 @@ def test_imm_loss_trains_through_the_model(model):
     assert first.weight.grad.abs().sum() > 0
     assert model.language_model.base_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dropped", [False, True])
+def test_target_copies_over_the_student_prefix_equal_a_full_target_forward(model, dropped):
+    """IMM's target pass run over the student pass's keys/values (only the target tokens) gives what a
+    second full forward gives, with several documents and images per row, rows of different image counts,
+    and student copies dropped to the null context (whose appended <|boi|>s the target must not see)."""
+    rows = [[[("t", 3), ("i",), ("t", 2), ("i",)], [("t", 5), ("i",)]], [[("t", 4), ("i",), ("t", 3)]]]
+    batch, images = pack(rows, model.config)
+    lat = latents_for(model.config, len(images))
+    target = latents_for(model.config, len(images), seed=1)  # x_r with its own times
+    uncond = torch.tensor([True, False, True, False]) if dropped else torch.zeros(len(images), dtype=torch.bool)
+    student = model(**batch, **lat, image_uncond=uncond, return_target_prefix=True)
+    fused = model(**batch, clean_latents=lat["clean_latents"], target_latents=target["noisy_latents"],
+                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix)
+    full = model(**batch, clean_latents=lat["clean_latents"], noisy_latents=target["noisy_latents"],
+                 noisy_t=target["noisy_t"], noisy_s=target["noisy_s"]).image_outputs
+    torch.testing.assert_close(fused.target_outputs, full, rtol=1e-4, atol=1e-5)
+    # and it is the target's own input that it reads: other x_r, other outputs
+    other = model(**batch, clean_latents=lat["clean_latents"], target_latents=-target["noisy_latents"],
+                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix)
+    assert (other.target_outputs - fused.target_outputs).abs().max() > 1e-4
+    # the packed rows with the target copies inside (num_noisy_copies=2) agree too
+    both, _ = pack(rows, model.config, num_noisy_copies=2)
+    inline = model(**both, **lat, target_latents=target["noisy_latents"], target_t=target["noisy_t"],
+                   target_s=target["noisy_s"]).target_outputs
+    torch.testing.assert_close(fused.target_outputs, inline, rtol=1e-4, atol=1e-5)
+
+
+class _FixedLatents:
+    """Stands in for the VAE: `compute_losses` encodes the batch's images; here they are given latents."""
+
+    def __init__(self, latents):
+        self.latents = latents
+
+    def encode(self, images):
+        return self.latents
+
+
+def test_training_step_with_the_prefix_target_pass_equals_the_full_one(model):
+    """compute_losses: the same loss and the same gradients whether IMM's target branch is a second full
+    forward or runs over the student's keys/values (with flow-matching groups and CFG dropout drawn)."""
+    from mmgen.objectives import get_objective
+    from mmgen.training.step import compute_losses
+
+    rows = [[[("t", 3), ("i",), ("t", 2), ("i",)], [("t", 5), ("i",)]], [[("t", 4), ("i",), ("t", 3)]]]
+    batch, images = pack(rows, model.config, with_labels=True)
+    batch["image_uncond"] = torch.zeros(len(images), dtype=torch.bool)
+    batch["images"] = torch.zeros(len(images), 3, 8, 8)
+    vae = _FixedLatents(latents_for(model.config, len(images))["clean_latents"])
+    loss_fn, _ = get_objective("imm", num_particles=2, p_uncond=0.5, fm_fraction=0.5)
+    results, calls = {}, []
+    spy = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("target_prefix")),
+                                          with_kwargs=True)
+    model.train()
+    try:
+        for target_pass in ("full", "prefix"):
+            model.zero_grad()
+            calls.clear()
+            losses = compute_losses(model, vae, batch, loss_fn=loss_fn, lambda_img=10.0,
+                                    generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                                    target_pass=target_pass)
+            losses.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[target_pass] = (losses, grads)
+            # two calls each; with "prefix" the second one runs over the first one's keys/values
+            assert [c is not None for c in calls] == [False, target_pass == "prefix"]
+    finally:
+        spy.remove()
+        model.eval()
+    (full, g_full), (fused, g_fused) = results["full"], results["prefix"]
+    assert full.image > 0 and full.diagnostics["frac_fm_groups"] < 1  # an IMM group is in the loss
+    torch.testing.assert_close(fused.image, full.image, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fused.text, full.text, rtol=0, atol=0)
+    assert g_full.keys() == g_fused.keys()
+    for name in g_full:
+        torch.testing.assert_close(g_fused[name], g_full[name], rtol=1e-3, atol=1e-6, msg=name)

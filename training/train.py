@@ -137,7 +137,8 @@ def main(argv=None) -> None:
                 image_tokens.update(image_token_counts(batch["token_kind"]))  # this rank's, for the MFU
                 losses = compute_losses(model, vae, batch, loss_fn=loss_fn,
                                         lambda_img=cfg.objective.lambda_img, generator=generator, device=device,
-                                        group_by_condition=group_by_condition)
+                                        group_by_condition=group_by_condition,
+                                        target_pass=cfg.objective.target_pass)
                 # every rank must agree, or DDP/DeepSpeed would wait for a backward that never comes
                 finite = bool(accelerator.reduce((~torch.isfinite(losses.loss.detach())).float(), "max") == 0)
                 if finite:

@@ -61,21 +61,41 @@ def condition_ids(inputs: dict) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+TARGET_PASSES = ("prefix", "full")
+
+
 def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, generator: torch.Generator,
-                   device: torch.device, group_by_condition: bool = False) -> StepLosses:
+                   device: torch.device, group_by_condition: bool = False, target_pass: str = "prefix") -> StepLosses:
     """Losses of one micro-batch. `loss_fn(net, x, cond, generator=, drop_cond=)` is the objective;
-    with `group_by_condition` it also gets `group_ids=condition_ids(...)` (IMM particle groups)."""
+    with `group_by_condition` it also gets `group_ids=condition_ids(...)` (IMM particle groups).
+
+    target_pass: how a no-grad call of `net` after the student's (IMM's target branch) runs. "prefix":
+    only the target copies' tokens, over the keys/values the student forward computed (the same weights
+    see the same text and clean images; nothing reads a noisy copy) — `forward(target_prefix=...)`;
+    "full": a second forward of the whole rows. Equal up to float rounding (tests/test_modeling.py). Models
+    with flex_attention return no prefix and get the full pass."""
+    if target_pass not in TARGET_PASSES:
+        raise ValueError(f"objective.target_pass must be one of {TARGET_PASSES}, got {target_pass!r}")
     inputs, images, counters = split_batch(batch, device)
     with torch.no_grad():
         latents = vae.encode(images.float()) if images.shape[0] else images.new_zeros(0)  # (M, C, h, w)
     text_loss: dict[str, torch.Tensor] = {}
+    prefix: dict = {}  # the student pass's keys/values, used once by the target pass after it
 
     def net(x_in, t_in, s_in, cond):
         student = torch.is_grad_enabled()
+        if not student and prefix.get("value") is not None:  # None: the model has none (flex_attention)
+            out = model(**{**cond, "labels": None}, target_latents=x_in, target_t=t_in, target_s=s_in,
+                        target_prefix=prefix.pop("value"))
+            return out.target_outputs.float()
+        reuse = student and target_pass == "prefix"
         out = model(**{**cond, "labels": cond["labels"] if student else None},
-                    clean_latents=latents, noisy_latents=x_in, noisy_t=t_in, noisy_s=s_in)
+                    clean_latents=latents, noisy_latents=x_in, noisy_t=t_in, noisy_s=s_in,
+                    **({"return_target_prefix": True} if reuse else {}))
         if student:
             text_loss["value"] = out.loss
+        if reuse:
+            prefix["value"] = out.target_prefix
         return out.image_outputs.float()
 
     num_images = latents.shape[0]

@@ -215,7 +215,7 @@ class Hybrid(nn.Module):
             self.register_buffer("prompt_ids", ids, persistent=False)
             self.text = nn.Embedding(int(ids.max()) + 1, w)
             self.text_pos = nn.Parameter(torch.randn(1, ids.shape[1], w) * 0.02)
-            T, N = ids.shape[1], (H // 4) ** 2
+            T, N = ids.shape[1], (H // (4 if a.grid == "coarse" else 2)) ** 2
             mask = torch.zeros(T + N, T + N, dtype=torch.bool)  # True = blocked
             mask[:T, :T] = torch.ones(T, T, dtype=torch.bool).triu(1)  # text: causal
             mask[:T, T:] = True  # text never sees the image
@@ -223,13 +223,16 @@ class Hybrid(nn.Module):
         self.t = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
         self.inp = nn.Conv2d(C, ch, 3, padding=1)
         self.d1, self.down1 = ResBlock(ch, w), nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1)
-        self.d2, self.down2 = ResBlock(2 * ch, w), nn.Conv2d(2 * ch, w, 3, stride=2, padding=1)
-        self.side = H // 4
+        # grid "fine" keeps the second level at half the latent's side: 4x the tokens, each a quarter the area
+        last = 2 if a.grid == "coarse" else 1
+        self.d2, self.down2 = ResBlock(2 * ch, w), nn.Conv2d(2 * ch, w, 3, stride=last, padding=1)
+        self.side = H // (2 * last)
         self.pos = nn.Parameter(torch.randn(1, self.side**2, w) * 0.02)
         self.blocks = nn.ModuleList(Block(w, a.heads, adaln=False) for _ in range(a.layers))
         self.norm = nn.LayerNorm(w)
         self.prompt = nn.Linear(w, w)
-        self.up2, self.u2 = nn.ConvTranspose2d(w, 2 * ch, 4, stride=2, padding=1), ResBlock(2 * ch, w)
+        up2 = nn.ConvTranspose2d(w, 2 * ch, 4, stride=2, padding=1) if last == 2 else nn.Conv2d(w, 2 * ch, 3, padding=1)
+        self.up2, self.u2 = up2, ResBlock(2 * ch, w)
         self.up1, self.u1 = nn.ConvTranspose2d(2 * ch, ch, 4, stride=2, padding=1), ResBlock(ch, w)
         self.out = nn.Conv2d(ch, C, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -298,6 +301,8 @@ def main(argv=None) -> None:
                    help="objects per scene; 2: two-object scenes and prompts (the grammar's 'a X and a Y' / 'two Xs')")
     p.add_argument("--tokenizer", default="tokenizers/shapes")
     p.add_argument("--vae", default="runs/vae", help="stage-1 output (training/train_vae.py)")
+    p.add_argument("--grid", choices=("coarse", "fine"), default="coarse",
+                   help="hybrid: the token grid, a quarter (coarse, 4x4 on the 16x16 latent) or half the latent's side")
     p.add_argument("--patch", type=int, default=4, help="dit: patch size on the latent")
     p.add_argument("--width", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)

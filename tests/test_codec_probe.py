@@ -24,6 +24,7 @@ def vae_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("arch,extra", [("dit", []), ("hybrid", []), ("hybrid", ["--prompt", "text", "--tokenizer", TOKENIZER]),
                                         ("hybrid", ["--prompt", "text", "--tokenizer", TOKENIZER, "--objects", "2"]),
+                                        ("hybrid", ["--prompt", "text", "--tokenizer", TOKENIZER, "--grid", "fine"]),
                                         ("unet", [])])
 def test_codec_probe_runs_each_architecture(probe, vae_dir, tmp_path, arch, extra):
     out = tmp_path / arch

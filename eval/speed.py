@@ -50,7 +50,7 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
     opt = torch.optim.AdamW(params, lr=1e-5)
     loss_fn, _ = get_objective(cfg.objective, sigma_data=cfg.sigma_data, **cfg.objective_params)
     packing = PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.image_size,
-                            num_noisy_copies=1)  # fmt: skip
+                            num_noisy_copies=1, special_ids=processor.special_ids)  # fmt: skip
     docs = list(iter_documents(rows * 12, seed=TEST_SEED + 5, split="train", resolution=cfg.image_size))
     batch = collate_documents(docs, processor.tokenizer, packing)
     batch = {k: (v[:rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in batch.items()}
@@ -109,7 +109,8 @@ def perplexity(model, processor, *, num_docs: int = 64, seq_len: int = 512, batc
                                resolution=cfg.image_size))  # fmt: skip
     # one forward per batch; the two label sets (every text token / the assistant's) differ only in masking
     packings = {text_loss: PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens,
-                                         image_size=cfg.image_size, num_noisy_copies=0, text_loss=text_loss)
+                                         image_size=cfg.image_size, num_noisy_copies=0, text_loss=text_loss,
+                                         special_ids=processor.special_ids)
                 for text_loss in ("all", "assistant")}  # fmt: skip
     totals = {text_loss: [0.0, 0] for text_loss in packings}  # nll, tokens
     keys = ("input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids", "prefix_end")

@@ -42,6 +42,8 @@ class ModelSection:
     image_unet_width: int = 64
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     vae: str = "runs/vae"  # diffusers AutoencoderKL dir (with latent stats) or Hub id
+    # The shapes SentencePiece tokenizer; with init_text_model, the LM's own tokenizer is used (from this path
+    # when it is set, else from init_text_model) with mmgen's special tokens appended after its vocabulary.
     tokenizer: str = "tokenizers/shapes"
     gradient_checkpointing: bool = False
 

@@ -516,14 +516,18 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
 
     # ---- construction from a pretrained LM -------------------------------------------------------------
     @classmethod
-    def from_pretrained_text_model(cls, name_or_path: str, *, dtype=None, attn_implementation=None,
+    def from_pretrained_text_model(cls, name_or_path: str, *, tokenizer=None, dtype=None, attn_implementation=None,
                                    **config_kwargs) -> MMGenForConditionalGeneration:
         """Initialise the backbone from any pretrained causal LM; everything else is new.
 
-        The LM's vocabulary is kept; the special tokens of CONTRACTS §4 (<|boi|> ... <|end|>, 6 reserved,
-        and <|pad|> when the LM has no pad token) are appended after it, in `SPECIAL_TOKENS` order, as
-        new embedding rows (mean-resized, transformers `resize_token_embeddings`), and their ids written
-        to the config. bos/eos stay the LM's. `config_kwargs` set the other MMGenConfig fields.
+        With `tokenizer` (the LM's, made mmgen's by `mmgen.tokenization.load_pretrained_lm_tokenizer`): every
+        special-token id is read from it, the embeddings grow to hold its vocabulary, and each special token's
+        rows that did not exist are new rows (mean-resized, transformers `resize_token_embeddings`); rows
+        the LM already had (a vocabulary padded past its tokenizer's, a token it knew) are kept.
+        Without: the special tokens of CONTRACTS §4 (<|boi|> ... <|end|>, 6 reserved, and <|pad|> when the
+        LM has no pad token) are appended after the embedding rows, in `SPECIAL_TOKENS` order — the ids
+        `load_pretrained_lm_tokenizer` gives when the LM's tokenizer fills its embedding table exactly.
+        bos/eos stay the LM's (bos = eos when it has none). `config_kwargs` set the other MMGenConfig fields.
         """
         lm_kwargs = {"dtype": dtype} if dtype is not None else {}
         if attn_implementation is not None:
@@ -531,17 +535,24 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         lm = AutoModelForCausalLM.from_pretrained(name_or_path, **lm_kwargs)
         text = lm.config
         old_vocab = lm.get_input_embeddings().weight.shape[0]
-        ids = {field: old_vocab + i for i, (field, _) in enumerate(SPECIAL_TOKENS)}
-        new_vocab = old_vocab + len(SPECIAL_TOKENS) + NUM_RESERVED_TOKENS
-        pad = text.pad_token_id
-        if pad is None:
-            pad, new_vocab = new_vocab, new_vocab + 1
-        lm.resize_token_embeddings(new_vocab, mean_resizing=True)
-        eos = text.eos_token_id[0] if isinstance(text.eos_token_id, list) else text.eos_token_id
-        bos = text.bos_token_id if text.bos_token_id is not None else eos
-        text.pad_token_id = pad
-        config = MMGenConfig(text_config=text, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
-                             **ids, **config_kwargs)
+        if tokenizer is not None:
+            from mmgen.tokenization import SpecialIds
+
+            ids = SpecialIds.from_tokenizer(tokenizer, where=f"the tokenizer for {name_or_path}").as_config()
+            new_vocab = max(old_vocab, len(tokenizer))
+        else:
+            ids = {field: old_vocab + i for i, (field, _) in enumerate(SPECIAL_TOKENS)}
+            new_vocab = old_vocab + len(SPECIAL_TOKENS) + NUM_RESERVED_TOKENS
+            pad = text.pad_token_id
+            if pad is None:
+                pad, new_vocab = new_vocab, new_vocab + 1
+            eos = text.eos_token_id[0] if isinstance(text.eos_token_id, list) else text.eos_token_id
+            bos = text.bos_token_id if text.bos_token_id is not None else eos
+            ids.update(pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
+        if new_vocab != old_vocab:
+            lm.resize_token_embeddings(new_vocab, mean_resizing=True)
+        text.pad_token_id = ids["pad_token_id"]
+        config = MMGenConfig(text_config=text, **ids, **config_kwargs)
         model = cls(config)
         model.language_model = lm  # the pretrained weights, module names unchanged
         model.config.text_config = lm.config

@@ -26,7 +26,7 @@ from transformers.processing_utils import ProcessorMixin
 from mmgen.configuration_mmgen import MMGenConfig
 from mmgen.data.image_transforms import image_to_tensor, tensor_to_image
 from mmgen.data.packing import METADATA_KEYS, PackingConfig, build_batch, tokenize_document
-from mmgen.tokenization import BOI_TOKEN, CHAT_TEMPLATE, EOI_TOKEN, IMAGE_TOKEN
+from mmgen.tokenization import BOI_TOKEN, CHAT_TEMPLATE, EOI_TOKEN, IMAGE_TOKEN, SpecialIds
 
 # One image in text: a run of <|image|> markers, optionally inside <|boi|> ... <|eoi|>.
 _IMAGE_MARKER = re.compile(
@@ -54,6 +54,12 @@ class MMGenProcessor(ProcessorMixin):
     def from_config(cls, config: MMGenConfig, tokenizer) -> MMGenProcessor:
         """N and the image size taken from the model config (N = (image_size / vae factor / patch)^2)."""
         return cls(tokenizer, num_image_tokens=config.num_image_tokens, image_size=config.image_size)
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        """The ids of <s>, <|boi|>, ... in this processor's tokenizer (fixed for the shapes tokenizer, appended
+        after the vocabulary for a pretrained LM's)."""
+        return SpecialIds.from_tokenizer(self.tokenizer, where="MMGenProcessor tokenizer")
 
     @property
     def model_input_names(self) -> list[str]:
@@ -162,7 +168,7 @@ class MMGenProcessor(ProcessorMixin):
             add_special_tokens = True
         config = PackingConfig(
             seq_len=1, num_image_tokens=self.num_image_tokens, image_size=self.image_size, num_noisy_copies=0,
-            text_loss=text_loss, add_bos=add_special_tokens, add_eos=add_eos,
+            text_loss=text_loss, add_bos=add_special_tokens, add_eos=add_eos, special_ids=self.special_ids,
         )  # fmt: skip
         doc = tokenize_document({"segments": segments}, self.tokenizer, config, where="MMGenProcessor input")
         batch = build_batch([[doc]], config, seq_len=len(doc))

@@ -7,11 +7,18 @@ tokens sit at the fixed ids of CONTRACTS.md §4 and are parsed when written inli
 
     write_transformers_tokenizer(sp_model_file, out_dir, model_type="bpe") -> TokenizersBackend
     load_tokenizer(path) -> TokenizersBackend            # AutoTokenizer.from_pretrained, offline, ids checked
+    load_pretrained_lm_tokenizer(name_or_path)           # a pretrained LM's tokenizer with mmgen's tokens appended
+    SpecialIds.from_tokenizer(tokenizer)                 # the ids the packer writes, read from a tokenizer
+
+A pretrained LM's tokenizer (`model.init_text_model`) cannot put the special tokens at ids 0-15; there
+they are appended after its vocabulary, and the packer, processor and model read the ids from the
+tokenizer (`SpecialIds`) and the model config instead of the fixed ids.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -208,3 +215,80 @@ def load_tokenizer(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     check_special_token_ids(tokenizer, where=str(path))
     return tokenizer
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The token ids the packer and processor write: the fixed ids of CONTRACTS.md §4 by default (the
+    shapes tokenizer), or those of any tokenizer through `from_tokenizer` (a pretrained LM's)."""
+
+    pad: int = PAD_ID
+    bos: int = BOS_ID
+    eos: int = EOS_ID
+    boi: int = BOI_ID
+    eoi: int = EOI_ID
+    image: int = IMAGE_ID
+    user: int = USER_ID
+    assistant: int = ASSISTANT_ID
+    end: int = END_ID
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, where: str = "tokenizer") -> SpecialIds:
+        """Read every id from `tokenizer`; ValueError naming `where` and the token when one is missing."""
+        tokens = {"boi": BOI_TOKEN, "eoi": EOI_TOKEN, "image": IMAGE_TOKEN, "user": USER_TOKEN,
+                  "assistant": ASSISTANT_TOKEN, "end": END_TOKEN}  # fmt: skip
+        ids = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+        unk = tokenizer.unk_token_id
+        for name, token in tokens.items():
+            got = tokenizer.convert_tokens_to_ids(token)
+            ids[name] = None if got == unk else got
+        missing = [f.name for f in fields(cls) if ids[f.name] is None]
+        if missing:
+            raise ValueError(
+                f"{where}: no id for {', '.join(missing)} (mmgen's special tokens are missing: use "
+                "mmgen.tokenization.load_pretrained_lm_tokenizer for a pretrained LM's tokenizer)"
+            )
+        return cls(**ids)
+
+    def as_config(self) -> dict[str, int]:
+        """The MMGenConfig fields these ids go into (`pad_token_id`, ..., `end_token_id`)."""
+        return {f"{f.name}_token_id": getattr(self, f.name) for f in fields(self)}
+
+
+SHAPES_SPECIAL_IDS = SpecialIds()  # the fixed ids of CONTRACTS.md §4
+
+
+def prepare_pretrained_lm_tokenizer(tokenizer, where: str = "tokenizer"):
+    """Make a pretrained LM's tokenizer mmgen's, in place, and return it.
+
+    Appends <|boi|> ... <|end|> and the 6 reserved tokens (those it does not have already) as special
+    tokens, in CONTRACTS.md §4 order, then <|pad|> when it has no pad token; uses its eos as bos when it has
+    no bos (as `MMGenForConditionalGeneration.from_pretrained_text_model` does), and sets mmgen's chat
+    template. The model built from the LM reads the ids from this tokenizer."""
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{where}: the tokenizer has no eos token; mmgen ends documents with it")
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    mmgen_tokens = [BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN, *RESERVED_TOKENS]
+    tokenizer.add_special_tokens({"extra_special_tokens": mmgen_tokens}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = SpecialIds.from_tokenizer(tokenizer, where)
+    for name, token in (("boi", BOI_TOKEN), ("eoi", EOI_TOKEN), ("image", IMAGE_TOKEN), ("user", USER_TOKEN),
+                        ("assistant", ASSISTANT_TOKEN), ("end", END_TOKEN)):
+        got = tokenizer.encode(token, add_special_tokens=False)
+        if got != [getattr(ids, name)]:
+            raise ValueError(f"{where}: {token!r} written in text encodes to {got}, expected [{getattr(ids, name)}]")
+    return tokenizer
+
+
+def load_pretrained_lm_tokenizer(name_or_path: str | os.PathLike):
+    """AutoTokenizer.from_pretrained(name_or_path) made mmgen's by `prepare_pretrained_lm_tokenizer`."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.init_text_model: cannot load a tokenizer from {name_or_path!r}: {err}") from err
+    return prepare_pretrained_lm_tokenizer(tokenizer, where=str(name_or_path))

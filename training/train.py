@@ -107,7 +107,8 @@ def main(argv=None) -> None:
     raw_model = accelerator.unwrap_model(model)
 
     packing = PackingConfig(seq_len=cfg.data.seq_len, num_image_tokens=num_image_tokens,
-                            image_size=cfg.model.image_size, num_noisy_copies=1, text_loss=cfg.data.loss_on)
+                            image_size=cfg.model.image_size, num_noisy_copies=1, text_loss=cfg.data.loss_on,
+                            special_ids=processor.special_ids)
     stream = TrainStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                          num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout

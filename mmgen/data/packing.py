@@ -36,7 +36,7 @@ import torch
 
 from mmgen.data.image_transforms import image_to_tensor
 from mmgen.masks import TokenKind
-from mmgen.tokenization import ASSISTANT_ID, BOI_ID, BOS_ID, END_ID, EOI_ID, EOS_ID, IMAGE_ID, PAD_ID
+from mmgen.tokenization import SHAPES_SPECIAL_IDS, SpecialIds
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class PackingConfig:
     text_loss: str = "all"  # "all": every text token; "assistant": only inside <|assistant|> ... <|end|>
     add_bos: bool = True  # <s> at the start of each document
     add_eos: bool = True  # </s> at the end of each (untruncated) document
+    # The ids written for <s>, <|boi|>, ...: the fixed ids of CONTRACTS.md §4 (the shapes tokenizer) unless a
+    # tokenizer with other ids is used (a pretrained LM's: `SpecialIds.from_tokenizer`).
+    special_ids: SpecialIds = SHAPES_SPECIAL_IDS
 
     def __post_init__(self):
         if self.num_noisy_copies not in (0, 1, 2):
@@ -116,7 +119,7 @@ def tokenize_document(
     segments = _check_segments(document, where)
     texts = [seg["text"] for seg in segments if "text" in seg]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    N = config.num_image_tokens
+    N, sid = config.num_image_tokens, config.special_ids
     doc = TokenizedDocument([], [], [], [], [], [], [], [])
     pos = 0
 
@@ -128,13 +131,13 @@ def tokenize_document(
         doc.patch_ids.append(patch)
 
     if config.add_bos:
-        add(BOS_ID, TokenKind.TEXT, pos)
+        add(sid.bos, TokenKind.TEXT, pos)
         pos += 1
     doc.cuts.append((len(doc.input_ids), 0))
     for i, seg in enumerate(segments):
         if "text" in seg:
             ids = next(encoded)
-            if any(t in (BOI_ID, EOI_ID, IMAGE_ID) for t in ids):
+            if any(t in (sid.boi, sid.eoi, sid.image) for t in ids):
                 raise ValueError(f"{where}: segments[{i}] text contains <|boi|>, <|eoi|> or <|image|>; "
                                  "images must be {'image': ...} segments")  # fmt: skip
             for t in ids:
@@ -146,30 +149,30 @@ def tokenize_document(
                 image_to_tensor(seg["image"], config.image_size, where=f"{where}: segments[{i}]")
             )
             doc.boi_offsets.append(len(doc.input_ids))
-            add(BOI_ID, TokenKind.TEXT, pos)
+            add(sid.boi, TokenKind.TEXT, pos)
             for p in range(N):  # one shared position for the whole image (DESIGN.md §3)
-                add(IMAGE_ID, TokenKind.IMAGE_CLEAN, pos + 1, image=k, patch=p)
-            add(EOI_ID, TokenKind.TEXT, pos + 2)
+                add(sid.image, TokenKind.IMAGE_CLEAN, pos + 1, image=k, patch=p)
+            add(sid.eoi, TokenKind.TEXT, pos + 2)
             pos += 3
         doc.cuts.append((len(doc.input_ids), len(doc.images)))
     if config.add_eos:
-        add(EOS_ID, TokenKind.TEXT, pos)
+        add(sid.eos, TokenKind.TEXT, pos)
         doc.cuts.append((len(doc.input_ids), len(doc.images)))
-    doc.labels = _labels(doc.input_ids, doc.token_kind, config.text_loss)
+    doc.labels = _labels(doc.input_ids, doc.token_kind, config.text_loss, sid)
     return doc
 
 
-def _labels(input_ids: list[int], token_kind: list[int], text_loss: str) -> list[int]:
+def _labels(input_ids: list[int], token_kind: list[int], text_loss: str, sid: SpecialIds) -> list[int]:
     labels = []
     in_assistant = False
     for j, (t, kind) in enumerate(zip(input_ids, token_kind)):
         # j == 0: nothing in the document predicts its first token.
-        learned = kind == TokenKind.TEXT and t != EOI_ID and j > 0
+        learned = kind == TokenKind.TEXT and t != sid.eoi and j > 0
         if text_loss == "assistant":
             learned = learned and in_assistant
-            if t == ASSISTANT_ID:
+            if t == sid.assistant:
                 in_assistant = True
-            elif t == END_ID:
+            elif t == sid.end:
                 in_assistant = False
         labels.append(t if learned else IGNORE_INDEX)
     return labels
@@ -222,7 +225,7 @@ def build_batch(
     N, C = config.num_image_tokens, config.num_noisy_copies
     B = len(rows)
     out = {k: torch.full((B, L), -1, dtype=torch.long) for k in METADATA_KEYS}
-    out["input_ids"].fill_(PAD_ID)
+    out["input_ids"].fill_(config.special_ids.pad)
     out["position_ids"].fill_(0)
     out["token_kind"].fill_(int(TokenKind.PAD))
     out["labels"].fill_(IGNORE_INDEX)
@@ -249,7 +252,7 @@ def build_batch(
         for kind in (TokenKind.IMAGE_NOISY, TokenKind.IMAGE_TARGET)[:C]:
             for image_id, boi_index, position, d in row_images:
                 sl = slice(at, at + N)
-                out["input_ids"][b, sl] = IMAGE_ID
+                out["input_ids"][b, sl] = config.special_ids.image
                 out["position_ids"][b, sl] = position
                 out["token_kind"][b, sl] = int(kind)
                 out["document_ids"][b, sl] = d
@@ -283,6 +286,7 @@ class DocumentPacker:
 
     @classmethod
     def from_processor(cls, processor, *, seq_len: int, batch_size: int, num_noisy_copies: int = 1, **kwargs):
+        kwargs.setdefault("special_ids", SpecialIds.from_tokenizer(processor.tokenizer))
         config = PackingConfig(seq_len=seq_len, num_image_tokens=processor.num_image_tokens,
                                image_size=processor.image_size, num_noisy_copies=num_noisy_copies, **kwargs)  # fmt: skip
         return cls(processor.tokenizer, config, batch_size)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmgen.config import Config
+from mmgen.config import Config, ModelSection
 from mmgen.configuration_mmgen import MMGenConfig
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
-from mmgen.tokenization import load_tokenizer
+from mmgen.tokenization import SpecialIds, load_pretrained_lm_tokenizer, load_tokenizer
 from mmgen.vae import MMGenVAE
 
 IMM_KEYS = ("num_particles", "k", "a", "b", "T", "eps", "delta", "parameterization", "time_input", "p_uncond",
@@ -64,7 +64,7 @@ def build_model(cfg: Config, tokenizer, vae: MMGenVAE) -> MMGenForConditionalGen
     }
     if m.init_text_model:
         model = MMGenForConditionalGeneration.from_pretrained_text_model(
-            m.init_text_model, attn_implementation=m.attn_implementation, **common
+            m.init_text_model, tokenizer=tokenizer, attn_implementation=m.attn_implementation, **common
         )
     else:
         config = MMGenConfig(text_config=text_config(cfg, len(tokenizer)),
@@ -72,6 +72,7 @@ def build_model(cfg: Config, tokenizer, vae: MMGenVAE) -> MMGenForConditionalGen
         model = MMGenForConditionalGeneration(config)
     if m.init_from:
         init_weights_from(model, m.init_from)
+    check_tokenizer_fits(model, tokenizer)
     model.vae.load_state_dict(vae.state_dict())
     model.vae.requires_grad_(False)
     if m.gradient_checkpointing:
@@ -92,10 +93,23 @@ def init_weights_from(model: MMGenForConditionalGeneration, source: str) -> None
                          f"(model.* and the VAE must match): {err}") from err
 
 
+def check_tokenizer_fits(model: MMGenForConditionalGeneration, tokenizer) -> None:
+    """Raise unless the tokenizer's special-token ids are the model config's and its ids fit the embeddings."""
+    ids = SpecialIds.from_tokenizer(tokenizer).as_config()
+    differ = {k: (v, getattr(model.config, k)) for k, v in ids.items() if getattr(model.config, k) != v}
+    if differ:
+        raise ValueError(f"model.tokenizer: special-token ids (tokenizer, model config) differ: {differ}")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"model.tokenizer has {len(tokenizer)} tokens, the model's embedding table {rows} rows")
+
+
 def build_tokenizer(cfg: Config):
-    if cfg.model.init_text_model:
-        raise NotImplementedError(
-            "model.init_text_model: the packer and chat template still assume the shapes tokenizer's fixed "
-            "special-token ids (CONTRACTS.md §4); a pretrained LM's tokenizer needs them appended first"
-        )
-    return load_tokenizer(cfg.model.tokenizer)
+    """The shapes SentencePiece tokenizer (`model.tokenizer`), or with `model.init_text_model` the pretrained
+    LM's tokenizer with mmgen's special tokens appended (`load_pretrained_lm_tokenizer`): from
+    `model.tokenizer` when that is set to something other than the shapes default, else from the LM's path."""
+    m = cfg.model
+    if m.init_text_model:
+        default = ModelSection.__dataclass_fields__["tokenizer"].default
+        return load_pretrained_lm_tokenizer(m.init_text_model if m.tokenizer == default else m.tokenizer)
+    return load_tokenizer(m.tokenizer)

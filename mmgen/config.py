@@ -38,7 +38,7 @@ class ModelSection:
     patch_size: int = 1
     # "unet": U-Net down/up blocks around the transformer instead of a linear patch embedding and head
     # (Transfusion); image_unet_width = its channels at the latent's resolution.
-    image_head: Literal["linear", "adaln_mlp", "unet"] = "linear"
+    image_head: Literal["linear", "adaln_mlp", "adaln_prompt", "unet"] = "linear"
     image_unet_width: int = 64
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     vae: str = "runs/vae"  # diffusers AutoencoderKL dir (with latent stats) or Hub id

@@ -54,7 +54,8 @@ IMM_DEFAULTS: dict[str, Any] = {
 }
 
 OBJECTIVES = ("imm", "flow_matching")
-IMAGE_HEADS = ("linear", "adaln_mlp", "unet")
+IMAGE_HEADS = ("linear", "adaln_mlp", "adaln_prompt", "unet")
+PROMPT_HEADS = ("adaln_prompt", "unet")  # heads that also read the final hidden state at the image's <|boi|>
 
 # Names of the special tokens, in the order `from_pretrained_text_model` appends them (CONTRACTS.md §4).
 SPECIAL_TOKENS: tuple[tuple[str, str], ...] = (
@@ -79,7 +80,8 @@ class MMGenConfig(PretrainedConfig):
             (`scaling_factor`/`shift_factor`). Measured stats live in the VAE's buffers (saved weights).
         image_size, patch_size, latent_channels: image geometry (see module docstring).
         image_head: "linear" (norm -> Linear) or "adaln_mlp" (DiT/MAR-style adaLN residual MLP), both
-            after a linear patch embedding; or "unet": Transfusion-style U-Net down blocks embed the latent
+            after a linear patch embedding; "adaln_prompt": adaln_mlp whose condition also holds the final
+            hidden state at the image's <|boi|> (the prompt, as the U-Net decoder reads it); or "unet": Transfusion-style U-Net down blocks embed the latent
             and up blocks with skips decode the tokens (`mmgen/image_embedding.py`; patch_size a power of 2).
         image_head_depth: residual blocks of the adaln_mlp head.
         image_unet_width: channels of the "unet" codec at the latent's resolution (twice that below it).
@@ -152,6 +154,11 @@ class MMGenConfig(PretrainedConfig):
     @property
     def patch_dim(self) -> int:
         return self.latent_channels * self.patch_size**2
+
+    @property
+    def head_reads_prompt(self) -> bool:
+        """Whether the image head reads the final hidden state at each image's <|boi|> (`PROMPT_HEADS`)."""
+        return self.image_head in PROMPT_HEADS
 
     def special_token_ids(self) -> dict[str, int]:
         """Token string -> id for the multimodal/chat special tokens."""

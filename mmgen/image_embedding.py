@@ -135,16 +135,29 @@ class AdaLNBlock(nn.Module):
 
 
 class AdaLNMLPHead(nn.Module):
-    """Small per-token adaLN residual MLP (MAR SimpleMLPAdaLN), conditioned on the image's times."""
+    """Small per-token adaLN residual MLP (MAR SimpleMLPAdaLN), conditioned on the image's times.
 
-    def __init__(self, hidden_size: int, out_dim: int, depth: int):
+    With `prompt=True` ("adaln_prompt") the condition also holds a projection of the final hidden state at
+    the image's <|boi|> (`forward(..., prompt=(M, D))`), as DiT's adaLN carries the class (Peebles & Xie
+    2023, arXiv 2212.09748) and as this repo's U-Net decoder reads the prompt; the projection starts at
+    zero, so the head starts as the time-only one."""
+
+    def __init__(self, hidden_size: int, out_dim: int, depth: int, prompt: bool = False):
         super().__init__()
+        self.prompt_proj = nn.Linear(hidden_size, hidden_size) if prompt else None
+        if self.prompt_proj is not None:
+            self.prompt_proj.zero_init = True  # starts as the time-only head
         self.blocks = nn.ModuleList([AdaLNBlock(hidden_size) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.linear = nn.Linear(hidden_size, out_dim)
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cond: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """h (M, N, D) or (n, D); cond of the same shape; prompt (M, D) with `prompt=True` (else unused)."""
+        if self.prompt_proj is not None:
+            if prompt is None:
+                raise ValueError("the adaln_prompt head needs the prompt state (final hidden state at <|boi|>)")
+            cond = cond + self.prompt_proj(prompt.to(cond.dtype))[:, None, :]
         for block in self.blocks:
             h = block(h, cond)
         shift, scale = self.final_ada(cond).chunk(2, dim=-1)  # 2 x (n, D)
@@ -154,9 +167,9 @@ class AdaLNMLPHead(nn.Module):
 def build_image_head(kind: str, hidden_size: int, out_dim: int, depth: int) -> nn.Module:
     if kind == "linear":
         return LinearHead(hidden_size, out_dim)
-    if kind == "adaln_mlp":
-        return AdaLNMLPHead(hidden_size, out_dim, depth)
-    raise ValueError(f"MMGenConfig.image_head must be 'linear' or 'adaln_mlp' here, got {kind!r}")
+    if kind in ("adaln_mlp", "adaln_prompt"):
+        return AdaLNMLPHead(hidden_size, out_dim, depth, prompt=kind == "adaln_prompt")
+    raise ValueError(f"MMGenConfig.image_head must be 'linear', 'adaln_mlp' or 'adaln_prompt' here, got {kind!r}")
 
 
 # --------------------------------------------------------------------------- U-Net patch codec
@@ -273,6 +286,7 @@ class UNetImageDecoder(nn.Module):
         self.prompt_proj = nn.Linear(hidden_size, hidden_size)
         self.norm_out = nn.GroupNorm(8, chans[0])
         self.conv_out = nn.Conv2d(chans[0], channels, 3, padding=1)
+        self.conv_out.zero_init = True  # G starts at zero (DiT's zero-initialised final layer)
 
     def forward(self, hidden: torch.Tensor, context, prompt: torch.Tensor) -> torch.Tensor:
         cond, skips = context

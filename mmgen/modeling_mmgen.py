@@ -72,7 +72,7 @@ class TargetPrefix:
     copies, so every TEXT/IMAGE_CLEAN token's keys and values are the same in both passes: the target
     pass needs to run only its own image tokens over them (like a cached image step). cache: the
     backbone's keys/values of the row's L tokens (detached, the null-context columns dropped);
-    hidden: the final hidden states (B, L, D), detached (the U-Net codec reads each image's <|boi|>)."""
+    hidden: the final hidden states (B, L, D), detached (prompt-reading heads read each image's <|boi|>)."""
 
     cache: DynamicCache
     hidden: torch.Tensor
@@ -109,9 +109,11 @@ class MMGenPreTrainedModel(PreTrainedModel):
             init.copy_(module.pos_embed, sincos_2d(module.side, module.pos_embed.shape[-1]))
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):  # torch's default, not normal(0.02): after GN
             _conv_init(module)
-        if isinstance(module, UNetImageDecoder):  # G starts at zero (DiT's zero-initialised final layer)
-            init.zeros_(module.conv_out.weight)
-            init.zeros_(module.conv_out.bias)
+        # Layers marked where they are built (the U-Net's last conv, the adaln_prompt projection). transformers
+        # calls this only for modules with parameters of their own, so the mark sits on the layer itself.
+        if getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
@@ -189,12 +191,14 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
     def _decode_image(self, hidden: torch.Tensor, context, prompt=None) -> torch.Tensor:
         """Final hidden states of images' N tokens (M, N, D) + the embedding's context -> G (M, C, h, w).
         context: the time condition (M, D) (linear embedding) or (condition, skips) (U-Net codec);
-        prompt: (M, D) final hidden state at each image's <|boi|> (U-Net codec only)."""
+        prompt: (M, D) final hidden state at each image's <|boi|> (heads that read it: `head_reads_prompt`)."""
         cfg = self.config
         if cfg.image_head == "unet":
             return self.image_head(hidden, context, prompt)
         M, N, _ = hidden.shape
-        out = self.image_head(hidden, context[:, None, :].to(hidden.dtype).expand(M, N, -1))  # (M, N, C p^2)
+        cond = context[:, None, :].to(hidden.dtype).expand(M, N, -1)
+        extra = {"prompt": prompt} if cfg.head_reads_prompt else {}
+        out = self.image_head(hidden, cond, **extra)  # (M, N, C p^2)
         return unpatchify(out, cfg.patch_size, cfg.latent_channels, cfg.patches_per_side)
 
     def _image_outputs(self, hidden, full_hidden, meta, kind, context):
@@ -209,7 +213,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         grid = hidden.new_zeros(M, cfg.num_image_tokens, hidden.shape[-1]).index_put((img, pid), hidden[sel])
         present = torch.zeros(M, dtype=torch.bool, device=hidden.device).index_fill(0, img, True)
         prompt = None
-        if cfg.image_head == "unet":  # each copy's <|boi|> (the null one for unconditional copies)
+        if cfg.head_reads_prompt:  # each copy's <|boi|> (the null one for unconditional copies)
             b, _ = sel.nonzero(as_tuple=True)
             boi = full_hidden[b, prefix_end[:, :L][sel]]  # (n, D), the same for all N tokens of a copy
             prompt = full_hidden.new_zeros(M, full_hidden.shape[-1]).index_put((img,), boi)
@@ -450,7 +454,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
                             cache=prefix, use_cache=True)
         if not decode:
             return None
-        if self.config.image_head == "unet" and prompt_state is None:
+        if self.config.head_reads_prompt and prompt_state is None:
             prompt_state = self.prompt_state(cache, image_position=image_position,
                                              cache_attention_mask=cache_attention_mask)
         return self._decode_image(out.last_hidden_state, context, prompt_state)  # (B, C, h, w)
@@ -463,8 +467,8 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         c_in(t) x_t; t_in, s_in (B,) as CONTRACTS §1; image_position: int or (B,) = <|boi|> position + 1;
         cache_attention_mask: (B, P) 1 = real token (left padding). The unconditional branch is the same
         call on `null_context_cache(...)`. Every refinement step can reuse the same `cache`.
-        prompt_state: `prompt_state(cache, ...)` for the U-Net codec, computed once per image by the
-        caller (recomputed here when omitted); unused otherwise.
+        prompt_state: `prompt_state(cache, ...)` for a head that reads the prompt (U-Net codec, adaln_prompt),
+        computed once per image by the caller (recomputed here when omitted); unused otherwise.
         """
         if cache is None or cache.get_seq_length() == 0:
             raise ValueError("image_step needs a prefix cache holding at least <|boi|>")
@@ -476,8 +480,8 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         """The final hidden state at <|boi|> (B, D), the last entry of `cache`: what the U-Net decoder reads
         the prompt from (the training forward takes it from the same position). Recomputed by running
         <|boi|> again over the cache without its own entry, which reproduces the prefill exactly. None
-        without the U-Net codec."""
-        if self.config.image_head != "unet":
+        for heads that do not read it (`config.head_reads_prompt`)."""
+        if not self.config.head_reads_prompt:
             return None
         B, P = cache.layers[0].keys.shape[0], cache.get_seq_length()
         device = self.get_input_embeddings().weight.device

@@ -19,13 +19,15 @@ from mmgen.tokenization import load_tokenizer
 TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "shapes"
 
 
-@pytest.fixture(scope="module", params=["linear", "unet"])
+@pytest.fixture(scope="module", params=["linear", "unet", "adaln_prompt"])
 def model(request):
     torch.manual_seed(0)
     extra = {"image_unet_width": 16} if request.param == "unet" else {}
     model = MMGenForConditionalGeneration(tiny_config(image_head=request.param, **extra)).eval()
     if request.param == "unet":  # its last conv starts at zero (G = 0): give it weights to test with
         torch.nn.init.normal_(model.image_head.conv_out.weight, std=0.05)
+    if request.param == "adaln_prompt":  # its prompt projection starts at zero: give it weights to test with
+        torch.nn.init.normal_(model.image_head.prompt_proj.weight, std=0.2)
     return model
 
 
@@ -147,7 +149,7 @@ def test_backbone_calls_per_image(model, processor, num_steps, guidance):
             )
         )
     # the U-Net decoder's prompt state: <|boi|> once more per image (and per null context), not per step
-    prompt = [(1, 1)] if model.config.image_head == "unet" else []
+    prompt = [(1, 1)] if model.config.head_reads_prompt else []
     image = [(1, N)] * num_steps if guidance == 1.0 else [(1, 1)] + prompt + [(1, N)] * (2 * num_steps)
     # prefill, <|boi|>, [prompt state], [null context, its prompt state], N-token steps (x2 with guidance),
     # one clean pass, <|eoi|>
@@ -161,7 +163,7 @@ def test_image_cost_does_not_grow_with_the_prefix(model, processor):
     with CallLog(model) as log:
         G.generate_images_for_prompts(model, processor, [long_prompt], num_steps=3, seeds=[0])
     assert log.calls[0][1] > 100  # only the prefill sees the prefix
-    prompt = [(1, 1)] if model.config.image_head == "unet" else []  # <|boi|> once more: the prompt state
+    prompt = [(1, 1)] if model.config.head_reads_prompt else []  # <|boi|> once more: the prompt state
     assert log.calls[1:] == prompt + [(1, N)] * 3
 
 

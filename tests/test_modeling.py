@@ -10,14 +10,17 @@ from mmgen.masks import TokenKind
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 
 
-@pytest.fixture(scope="module", params=["linear", "unet"])
+@pytest.fixture(scope="module", params=["linear", "unet", "adaln_prompt"])
 def model(request):
-    """Every behaviour below holds for both image codecs: linear patches and the U-Net (Transfusion-style)."""
+    """Every behaviour below holds for each image codec: linear patches, the U-Net (Transfusion-style), and
+    linear patches with the prompt-reading adaLN head."""
     torch.manual_seed(0)
     extra = {"image_unet_width": 16} if request.param == "unet" else {}
     model = MMGenForConditionalGeneration(tiny_config(image_head=request.param, **extra)).eval()
     if request.param == "unet":  # its last conv starts at zero (G = 0): give it weights to test with
         torch.nn.init.normal_(model.image_head.conv_out.weight, std=0.05)
+    if request.param == "adaln_prompt":  # its prompt projection starts at zero: give it weights to test with
+        torch.nn.init.normal_(model.image_head.prompt_proj.weight, std=0.2)
     return model
 
 
@@ -299,3 +302,23 @@ def test_training_step_with_the_prefix_target_pass_equals_the_full_one(model):
     assert g_full.keys() == g_fused.keys()
     for name in g_full:
         torch.testing.assert_close(g_fused[name], g_full[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@torch.no_grad()
+def test_adaln_prompt_head_starts_as_the_time_only_head_and_then_reads_the_prompt():
+    torch.manual_seed(0)
+    model = MMGenForConditionalGeneration(tiny_config(image_head="adaln_prompt")).eval()
+    head = model.image_head
+    assert not head.prompt_proj.weight.any() and not head.prompt_proj.bias.any()  # zero at init
+    unet = MMGenForConditionalGeneration(tiny_config(image_head="unet", image_unet_width=16))
+    assert not unet.image_head.conv_out.weight.any()  # and the U-Net's last conv: G starts at zero
+    M, N, D = 2, model.config.num_image_tokens, model.config.text_config.hidden_size
+    hidden, cond = torch.randn(M, N, D), torch.randn(M, N, D)
+    prompts = torch.randn(2, M, D)
+    time_only = [head(hidden, cond, prompt=p) for p in prompts]
+    torch.testing.assert_close(time_only[0], time_only[1], rtol=0, atol=0)
+    torch.nn.init.normal_(head.prompt_proj.weight, std=0.2)
+    read = [head(hidden, cond, prompt=p) for p in prompts]
+    assert (read[0] - read[1]).abs().mean() > 1e-3  # same image tokens, another prompt: another output
+    with pytest.raises(ValueError, match="prompt state"):
+        head(hidden, cond)

@@ -46,6 +46,7 @@ from mmgen.image_embedding import (
     unpatchify,
 )
 from mmgen.masks import TokenKind, build_block_mask, build_dense_mask, build_image_step_mask
+from mmgen.tokenization import SpecialIds
 
 
 @dataclass
@@ -540,8 +541,6 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         text = lm.config
         old_vocab = lm.get_input_embeddings().weight.shape[0]
         if tokenizer is not None:
-            from mmgen.tokenization import SpecialIds
-
             ids = SpecialIds.from_tokenizer(tokenizer, where=f"the tokenizer for {name_or_path}").as_config()
             new_vocab = max(old_vocab, len(tokenizer))
         else:

@@ -191,9 +191,10 @@ def write_transformers_tokenizer(
     return tokenizer
 
 
-def check_special_token_ids(tokenizer, where: str = "tokenizer") -> None:
-    """Raise if any special token of CONTRACTS.md §4 is not at its fixed id or is split when written inline."""
-    for token, want in SPECIAL_TOKEN_IDS.items():
+def check_special_token_ids(tokenizer, where: str = "tokenizer", expected: dict[str, int] | None = None) -> None:
+    """Raise if any special token is not at its id or is split when written inline. `expected`: token -> id,
+    by default the fixed ids of CONTRACTS.md §4."""
+    for token, want in (SPECIAL_TOKEN_IDS if expected is None else expected).items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != want:
             raise ValueError(
@@ -217,6 +218,11 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
+# SpecialIds fields of mmgen's own tokens (the others are the tokenizer's pad/bos/eos).
+_MMGEN_TOKEN_FIELDS = {"boi": BOI_TOKEN, "eoi": EOI_TOKEN, "image": IMAGE_TOKEN, "user": USER_TOKEN,
+                       "assistant": ASSISTANT_TOKEN, "end": END_TOKEN}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SpecialIds:
     """The token ids the packer and processor write: the fixed ids of CONTRACTS.md §4 by default (the
@@ -235,11 +241,9 @@ class SpecialIds:
     @classmethod
     def from_tokenizer(cls, tokenizer, where: str = "tokenizer") -> SpecialIds:
         """Read every id from `tokenizer`; ValueError naming `where` and the token when one is missing."""
-        tokens = {"boi": BOI_TOKEN, "eoi": EOI_TOKEN, "image": IMAGE_TOKEN, "user": USER_TOKEN,
-                  "assistant": ASSISTANT_TOKEN, "end": END_TOKEN}  # fmt: skip
         ids = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
         unk = tokenizer.unk_token_id
-        for name, token in tokens.items():
+        for name, token in _MMGEN_TOKEN_FIELDS.items():
             got = tokenizer.convert_tokens_to_ids(token)
             ids[name] = None if got == unk else got
         missing = [f.name for f in fields(cls) if ids[f.name] is None]
@@ -275,11 +279,7 @@ def prepare_pretrained_lm_tokenizer(tokenizer, where: str = "tokenizer"):
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = SpecialIds.from_tokenizer(tokenizer, where)
-    for name, token in (("boi", BOI_TOKEN), ("eoi", EOI_TOKEN), ("image", IMAGE_TOKEN), ("user", USER_TOKEN),
-                        ("assistant", ASSISTANT_TOKEN), ("end", END_TOKEN)):
-        got = tokenizer.encode(token, add_special_tokens=False)
-        if got != [getattr(ids, name)]:
-            raise ValueError(f"{where}: {token!r} written in text encodes to {got}, expected [{getattr(ids, name)}]")
+    check_special_token_ids(tokenizer, where, {t: getattr(ids, name) for name, t in _MMGEN_TOKEN_FIELDS.items()})
     return tokenizer
 
 

@@ -42,7 +42,7 @@ def lm_dir(tmp_path_factory):
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer) + PADDED_ROWS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer) + PADDED_ROWS, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
         pad_token_id=None, tie_word_embeddings=False, max_position_embeddings=512,
     ))  # fmt: skip
@@ -127,7 +127,7 @@ def test_training_from_a_pretrained_lm_exports_a_model_that_chats(lm_dir, tmp_pa
     model, processor = AutoModel.from_pretrained(final).eval(), AutoProcessor.from_pretrained(final)
     ids = SpecialIds.from_tokenizer(processor.tokenizer)
     assert {k: getattr(model.config, k) for k in ids.as_config()} == ids.as_config()
-    assert model.config.text_config.hidden_size == 32  # the LM's, not tiny_train.yaml's
+    assert model.config.text_config.hidden_size == 48  # the LM's, not tiny_train.yaml's 32
     parts = list(generate_interleaved(model, processor, [{"role": "user", "content": "Draw a red circle."}],
                                       max_new_tokens=4, num_steps=1, force_image=True))  # fmt: skip
     images = [p for p in parts if isinstance(p, GeneratedImage)]

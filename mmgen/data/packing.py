@@ -286,7 +286,7 @@ class DocumentPacker:
 
     @classmethod
     def from_processor(cls, processor, *, seq_len: int, batch_size: int, num_noisy_copies: int = 1, **kwargs):
-        kwargs.setdefault("special_ids", SpecialIds.from_tokenizer(processor.tokenizer))
+        kwargs.setdefault("special_ids", processor.special_ids)
         config = PackingConfig(seq_len=seq_len, num_image_tokens=processor.num_image_tokens,
                                image_size=processor.image_size, num_noisy_copies=num_noisy_copies, **kwargs)  # fmt: skip
         return cls(processor.tokenizer, config, batch_size)

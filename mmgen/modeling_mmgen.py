@@ -72,11 +72,16 @@ class TargetPrefix:
     The target copy x_r is run with the same weights as the student, and nothing attends to noisy
     copies, so every TEXT/IMAGE_CLEAN token's keys and values are the same in both passes: the target
     pass needs to run only its own image tokens over them (like a cached image step). cache: the
-    backbone's keys/values of the row's L tokens (detached, the null-context columns dropped);
-    hidden: the final hidden states (B, L, D), detached (prompt-reading heads read each image's <|boi|>)."""
+    backbone's keys/values of the row's L + K columns (detached; the K appended null-context <|boi|>s of
+    unconditional images included, so their target copies read the same null context as their student copies);
+    hidden: the final hidden states (B, L + K, D), detached (prompt-reading heads read each image's <|boi|>);
+    meta: [token_kind, document_ids, image_ids, patch_ids, prefix_end] of those columns, (B, L + K) each, with
+    unconditional images' noisy copies pointing at their null <|boi|>; image_uncond: what the student saw."""
 
     cache: DynamicCache
     hidden: torch.Tensor
+    meta: list
+    image_uncond: torch.Tensor | None = None
 
 
 def _build_vae(config: MMGenConfig):
@@ -171,7 +176,11 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
 
     # ---- image tokens ---------------------------------------------------------------------------------
     def _embed_images(self, embeds, token_kind, image_ids, patch_ids, copies):
-        """Write image-slot embeddings into `embeds` (B, L, D); return {kind: per-image condition (M, D)}."""
+        """Write image-slot embeddings into `embeds` (B, L, D); return {kind: (context, present, M)}: the
+        embedding's decoder context of the images that have tokens of that kind (`present`, sorted ids), of M.
+
+        Only those images run through the embedding (and later the head): of a slot with several samples only
+        the first has a clean copy, and images read only as inputs have no noisy copy."""
         conds = {}
         for kind, (latents, t_in, s_in) in copies.items():
             sel = token_kind == kind
@@ -182,11 +191,12 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
                 continue
             if not bool(sel.any()):
                 raise ValueError(f"latents for {name} copies were given but token_kind has no {name} tokens")
-            img_embeds, context = self.image_in(latents, t_in, s_in)  # (M, N, D), decoder context
             b, l = sel.nonzero(as_tuple=True)
-            values = img_embeds[image_ids[b, l], patch_ids[b, l]]  # (n, D)
+            present, inverse = image_ids[b, l].unique(sorted=True, return_inverse=True)  # (P,), (n,)
+            img_embeds, context = self.image_in(latents[present], t_in[present], s_in[present])  # (P, N, D)
+            values = img_embeds[inverse, patch_ids[b, l]]  # (n, D)
             embeds = embeds.index_put((b, l), values.to(embeds.dtype))
-            conds[kind] = context
+            conds[kind] = (context, present, latents.shape[0])
         return embeds, conds
 
     def _decode_image(self, hidden: torch.Tensor, context, prompt=None) -> torch.Tensor:
@@ -202,24 +212,26 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         out = self.image_head(hidden, cond, **extra)  # (M, N, C p^2)
         return unpatchify(out, cfg.patch_size, cfg.latent_channels, cfg.patches_per_side)
 
-    def _image_outputs(self, hidden, full_hidden, meta, kind, context):
+    def _image_outputs(self, hidden, full_hidden, meta, kind, cond):
         """The head at the tokens of one copy kind -> G (M, C, h, w); zeros where an image has none.
-        full_hidden (B, L + K, D) includes the appended null-context <|boi|>s; meta is after appending them."""
+        full_hidden (B, L + K, D) includes the appended null-context <|boi|>s; meta is after appending them;
+        cond: `_embed_images`' (context, present, M) for this kind (only the present images are decoded)."""
         cfg = self.config
+        context, present, M = cond
         token_kind, _, image_ids, patch_ids, prefix_end = meta
         L = hidden.shape[1]
         sel = token_kind[:, :L] == kind
-        img, pid = image_ids[:, :L][sel], patch_ids[:, :L][sel]
-        M = (context[0] if isinstance(context, tuple) else context).shape[0]
-        grid = hidden.new_zeros(M, cfg.num_image_tokens, hidden.shape[-1]).index_put((img, pid), hidden[sel])
-        present = torch.zeros(M, dtype=torch.bool, device=hidden.device).index_fill(0, img, True)
+        img = torch.searchsorted(present, image_ids[:, :L][sel])  # (n,) index among the present images
+        pid = patch_ids[:, :L][sel]
+        P = present.shape[0]
+        grid = hidden.new_zeros(P, cfg.num_image_tokens, hidden.shape[-1]).index_put((img, pid), hidden[sel])
         prompt = None
         if cfg.head_reads_prompt:  # each copy's <|boi|> (the null one for unconditional copies)
             b, _ = sel.nonzero(as_tuple=True)
             boi = full_hidden[b, prefix_end[:, :L][sel]]  # (n, D), the same for all N tokens of a copy
-            prompt = full_hidden.new_zeros(M, full_hidden.shape[-1]).index_put((img,), boi)
-        G = self._decode_image(grid, context, prompt)  # (M, C, h, w)
-        return torch.where(present[:, None, None, None], G, torch.zeros_like(G))
+            prompt = full_hidden.new_zeros(P, full_hidden.shape[-1]).index_put((img,), boi)
+        G = self._decode_image(grid, context, prompt)  # (P, C, h, w)
+        return G.new_zeros(M, *G.shape[1:]).index_copy(0, present, G)
 
     def _add_null_context(self, embeds, input_ids, position_ids, meta, image_uncond):
         """Append one context-free <|boi|> per unconditional image and point its noisy copies at it.
@@ -388,32 +400,41 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         if return_target_prefix and multimodal and self._attn_impl() != "flex_attention":
             # None under FlexAttention: its BlockMask over a cache (Q_LEN != KV_LEN) failed to compile on CPU
             # and a dense mask crashed (torch 2.13), so the caller runs the target copies in a full forward
-            outputs["target_prefix"] = self._target_prefix(out.cache, hidden, L)
+            outputs["target_prefix"] = TargetPrefix(cache=self._detached_cache(out.cache),
+                                                    hidden=out.last_hidden_state.detach(),
+                                                    meta=[m.clone() for m in meta], image_uncond=image_uncond)
         return MMGenOutput(loss=loss, logits=logits, cache=out.cache,
                            last_hidden_state=hidden, **outputs)
 
     # ---- IMM target copies over the student pass's prefix ---------------------------------------------
-    def _target_prefix(self, cache: Cache, hidden: torch.Tensor, L: int) -> TargetPrefix:
+    def _detached_cache(self, cache: Cache) -> DynamicCache:
         prefix = DynamicCache(config=self.config.text_config)
-        for i, layer in enumerate(cache.layers):  # the first L columns: the null-context <|boi|>s are dropped
-            prefix.update(layer.keys[:, :, :L].detach(), layer.values[:, :, :L].detach(), i)
-        return TargetPrefix(cache=prefix, hidden=hidden.detach())
+        for i, layer in enumerate(cache.layers):
+            prefix.update(layer.keys.detach(), layer.values.detach(), i)
+        return prefix
 
     def _target_forward(self, prefix: TargetPrefix, input_ids, position_ids, token_kind, document_ids, image_ids,
                         patch_ids, prefix_end, target_latents, target_t, target_s, image_uncond) -> MMGenOutput:
         """Target copies only: row b's Q_b target tokens mirror its IMAGE_NOISY tokens (same image, patch,
-        position, prefix) and run over `prefix` (keys 0..L-1) and themselves; the mask is the packed rule's
-        rows for them on the row extended by the target copies. Conditional only (as IMM's target is)."""
+        position, prefix: the null context for images the student saw unconditionally) and run over `prefix`
+        (its L + K keys) and themselves; the mask is the packed rule's rows for them on the row extended by the
+        target copies. `image_uncond` must be what the student pass saw (the prefix holds its null contexts)."""
         if token_kind is None or target_latents is None:
             raise ValueError("target_prefix needs the rows' packed metadata and target_latents")
-        if image_uncond is not None and bool(image_uncond.any()):
-            raise ValueError("target_prefix runs conditional target copies only; image_uncond must be all False")
         B, L = input_ids.shape
-        if prefix.hidden.shape[:2] != (B, L) or prefix.cache.get_seq_length() != L:
+        same_uncond = (image_uncond is None or not bool(image_uncond.any())) if prefix.image_uncond is None else (
+            image_uncond is not None and torch.equal(image_uncond.cpu(), prefix.image_uncond.cpu()))
+        if not same_uncond:
+            raise ValueError("target_prefix: image_uncond differs from the student pass's (its null contexts)")
+        token_kind, document_ids, image_ids, patch_ids, prefix_end = prefix.meta  # (B, L + K) each
+        LK = token_kind.shape[1]
+        if prefix.hidden.shape[:2] != (B, LK) or prefix.cache.get_seq_length() != LK or LK < L:
             raise ValueError(f"target_prefix was made for rows of shape {tuple(prefix.hidden.shape[:2])}, "
                              f"not ({B}, {L})")
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        input_ids = torch.cat([input_ids, input_ids.new_zeros(B, LK - L)], dim=1)
+        position_ids = torch.cat([position_ids, position_ids.new_zeros(B, LK - L)], dim=1)
         src = token_kind == TokenKind.IMAGE_NOISY
         counts = src.sum(1)
         Q = max(int(counts.max()), 1)
@@ -425,11 +446,12 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         q_pe, q_pos, q_ids = pick(prefix_end, -1), pick(position_ids, 0), pick(input_ids, 0)
         ext = [torch.cat([a, b], dim=1) for a, b in
                ((token_kind, q_kind), (document_ids, q_doc), (image_ids, q_img), (prefix_end, q_pe))]
+        # unconditional copies already point at their own null <|boi|> (a document of its own): no window rule
         no_uncond = torch.zeros(target_latents.shape[0], dtype=torch.bool, device=input_ids.device)
         embeds = self.get_input_embeddings()(q_ids)  # (B, Q, D); image slots overwritten next
         embeds, conds = self._embed_images(embeds, q_kind, q_img, q_pid,
                                            {TokenKind.IMAGE_TARGET: (target_latents, target_t, target_s)})
-        mask = build_dense_mask(*ext, no_uncond, dtype=embeds.dtype, query_start=L)  # (B, 1, Q, L + Q)
+        mask = build_dense_mask(*ext, no_uncond, dtype=embeds.dtype, query_start=LK)  # (B, 1, Q, L + K + Q)
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=q_pos,
                             cache=FrozenPrefixCache(prefix.cache), use_cache=True)
         meta = [q_kind, q_doc, q_img, q_pid, q_pe]

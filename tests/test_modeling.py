@@ -231,7 +231,8 @@ def test_imm_loss_trains_through_the_model(model):
 def test_target_copies_over_the_student_prefix_equal_a_full_target_forward(model, dropped):
     """IMM's target pass run over the student pass's keys/values (only the target tokens) gives what a
     second full forward gives, with several documents and images per row, rows of different image counts,
-    and student copies dropped to the null context (whose appended <|boi|>s the target must not see)."""
+    and copies dropped to the null context (the target of a dropped image reads the same null <|boi|> as
+    its student, as a full forward with the same image_uncond does)."""
     rows = [[[("t", 3), ("i",), ("t", 2), ("i",)], [("t", 5), ("i",)]], [[("t", 4), ("i",), ("t", 3)]]]
     batch, images = pack(rows, model.config)
     lat = latents_for(model.config, len(images))
@@ -239,18 +240,28 @@ def test_target_copies_over_the_student_prefix_equal_a_full_target_forward(model
     uncond = torch.tensor([True, False, True, False]) if dropped else torch.zeros(len(images), dtype=torch.bool)
     student = model(**batch, **lat, image_uncond=uncond, return_target_prefix=True)
     fused = model(**batch, clean_latents=lat["clean_latents"], target_latents=target["noisy_latents"],
-                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix)
+                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix,
+                  image_uncond=uncond)
     full = model(**batch, clean_latents=lat["clean_latents"], noisy_latents=target["noisy_latents"],
-                 noisy_t=target["noisy_t"], noisy_s=target["noisy_s"]).image_outputs
+                 noisy_t=target["noisy_t"], noisy_s=target["noisy_s"], image_uncond=uncond).image_outputs
     torch.testing.assert_close(fused.target_outputs, full, rtol=1e-4, atol=1e-5)
+    if dropped:  # the null context is not the prompt: a dropped image's target differs from its conditional one
+        conditional = model(**batch, clean_latents=lat["clean_latents"], noisy_latents=target["noisy_latents"],
+                            noisy_t=target["noisy_t"], noisy_s=target["noisy_s"]).image_outputs
+        assert (conditional[0] - fused.target_outputs[0]).abs().max() > 1e-4
+        torch.testing.assert_close(conditional[1], fused.target_outputs[1], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="image_uncond differs"):
+            model(**batch, clean_latents=lat["clean_latents"], target_latents=target["noisy_latents"],
+                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix)
     # and it is the target's own input that it reads: other x_r, other outputs
     other = model(**batch, clean_latents=lat["clean_latents"], target_latents=-target["noisy_latents"],
-                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix)
+                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix,
+                  image_uncond=uncond)
     assert (other.target_outputs - fused.target_outputs).abs().max() > 1e-4
     # the packed rows with the target copies inside (num_noisy_copies=2) agree too
     both, _ = pack(rows, model.config, num_noisy_copies=2)
     inline = model(**both, **lat, target_latents=target["noisy_latents"], target_t=target["noisy_t"],
-                   target_s=target["noisy_s"]).target_outputs
+                   target_s=target["noisy_s"], image_uncond=uncond).target_outputs
     torch.testing.assert_close(fused.target_outputs, inline, rtol=1e-4, atol=1e-5)
 
 

@@ -267,22 +267,26 @@ def test_batch_too_small_for_any_group_is_an_error():
         imm_loss(RecordingNet(6), _batch(b=1), config=IMMConfig())
 
 
-def test_condition_dropout_applies_to_the_student_only():
-    net, x = RecordingNet(6), _batch(b=8)
-    cond = torch.arange(8)
+def test_condition_dropout_drops_whole_groups_for_both_branches():
+    """A dropped particle group is a sample of the unconditional distribution: its student and its target
+    both see the null condition, and the groups' other members are never mixed with conditional ones."""
+    net, x = RecordingNet(6), _batch(b=16)
+    cond = torch.arange(16)
     seen = []
 
     def drop_cond(c, mask):
         seen.append(mask.clone())
         return torch.where(mask, torch.full_like(c, -1), c)
 
-    config = IMMConfig(p_uncond=0.5)
-    imm_loss(net, x, cond, config=config, generator=torch.Generator().manual_seed(3), drop_cond=drop_cond)
+    config = IMMConfig(p_uncond=0.5, num_particles=4)
+    imm_loss(net, x, cond, config=config, generator=torch.Generator().manual_seed(0), drop_cond=drop_cond)
     student, target = net.calls
     (mask,) = seen
-    assert 0 < mask.sum() < 8
+    assert 0 < mask.sum() < 16
+    groups = mask.reshape(4, 4)  # consecutive groups of M = 4
+    assert (groups.all(1) | ~groups.any(1)).all()  # all or none of a group
     assert torch.equal(student["cond"], torch.where(mask, -1, cond))
-    assert torch.equal(target["cond"], cond)
+    assert torch.equal(target["cond"], student["cond"])
     with pytest.raises(ValueError, match="drop_cond"):
         imm_loss(net, x, cond, config=config)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .imm import _student_condition, draw, network_output
+from .imm import _dropped_condition, draw, network_output
 from .interpolants import get_interpolant, shift_time
 
 __all__ = ["FlowMatchingConfig", "flow_matching_loss", "sample_fm_times"]
@@ -89,7 +89,8 @@ def flow_matching_loss(
     t = sample_fm_times(batch, config, generator, device)
     noise = config.sigma_data * draw(torch.randn, x.shape, generator, device, x.dtype)
     x_t = get_interpolant("ot_fm").interpolate(x, noise, t)
-    cond = _student_condition(cond, batch, config.p_uncond, generator, drop_cond, device)
+    items = torch.arange(batch, device=device)  # every item is its own sample: one Bernoulli each
+    cond = _dropped_condition(cond, items, batch, config.p_uncond, generator, drop_cond, device)
     g = network_output(net, x_t, t, t, cond, config)
     target = (noise - x) / config.sigma_data  # velocity eps - x in units of sigma_d
     loss = (g.float() - target.float()).pow(2).mean()

@@ -250,13 +250,16 @@ def _sample_group_times(num_groups: int, config: IMMConfig, generator, device):
     return t, s, compute_r(s, t, config)
 
 
-def _student_condition(cond, batch: int, p_uncond: float, generator, drop_cond, device):
-    """Classifier-free-guidance dropout for the student branch only (one Bernoulli per item)."""
+def _dropped_condition(cond, item_group: torch.Tensor, num_groups: int, p_uncond: float, generator, drop_cond,
+                       device):
+    """Classifier-free-guidance dropout, one Bernoulli per particle group: a group is a set of samples of one
+    distribution, the conditional or the unconditional one, and its student and target branches see the same
+    condition (IMM's conditional training replaces the label of a sample for both branches)."""
     if cond is None or p_uncond <= 0.0:
         return cond
     if drop_cond is None:
         raise ValueError("p_uncond > 0 with a condition needs drop_cond(cond, mask) from the caller")
-    mask = draw(torch.rand, (batch,), generator, device) < p_uncond
+    mask = (draw(torch.rand, (num_groups,), generator, device) < p_uncond)[item_group]  # (B,)
     return drop_cond(cond, mask) if bool(mask.any()) else cond
 
 
@@ -325,9 +328,10 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
     With ``config.fm_fraction > 0`` that share of groups gets s = r = t and the flow-matching loss
     fm_weight * mean (G - (eps - x) / sigma_d)^2 instead of MMD^2 (their MMD^2 is 0 and left out of
     the mean). ``net`` is called
-    exactly twice: the student f_{s,t}(x_t) with gradient (its condition dropped with
-    probability ``p_uncond`` through ``drop_cond``), then the target f_{s,r}(x_r) with the same
-    weights under ``torch.no_grad`` (a stop-gradient, not an EMA). Every draw uses ``generator``.
+    exactly twice: the student f_{s,t}(x_t) with gradient, then the target f_{s,r}(x_r) with the same
+    weights under ``torch.no_grad`` (a stop-gradient, not an EMA); both see the same condition, dropped to
+    the null one for a whole group with probability ``p_uncond`` through ``drop_cond``. Every draw uses
+    ``generator``.
 
     Diagnostics: mean_t, mean_t_minus_r, frac_r_eq_s (floats over loss groups), mmd2 (detached
     (G,) tensor), num_groups, num_excluded (a leftover single item is excluded, but still passes
@@ -364,8 +368,8 @@ def imm_loss(net, x: torch.Tensor, cond=None, *, config: IMMConfig, generator=No
     x_t = interp.interpolate(x, noise, t_b)  # same x and noise for both branches
     x_r = interp.interpolate(x, noise, r_b)
 
-    student_cond = _student_condition(cond, batch, config.p_uncond, generator, drop_cond, device)
-    student, g = _flow_map_and_output(net, x_t, t_b, s_b, student_cond, config)  # g: for the FM groups
+    cond = _dropped_condition(cond, item_group, t.shape[0], config.p_uncond, generator, drop_cond, device)
+    student, g = _flow_map_and_output(net, x_t, t_b, s_b, cond, config)  # g: for the FM groups
     with torch.no_grad():
         target = flow_map(net, x_r, r_b, s_b, cond, config)
 

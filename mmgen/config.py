@@ -68,16 +68,23 @@ class DataSection:
     # share one set of shards (a changed setting rebuilds shapes_dir in place, under any run reading it)
     seed: int = 0
     prefetch: int = 2  # batches packed ahead by a background thread while the model computes (0 = off)
+    # "all": text loss on every text token, every image a generation target; "assistant": only what the
+    # assistant writes (its text, and no noisy copies for images inside user turns)
     loss_on: Literal["all", "assistant"] = "all"
     shuffle_buffer: int = 1000
     # source=shapes: document kinds and their mix, NAME or NAME=WEIGHT (t2i, caption, vqa, multiturn);
     # () = all four with mmgen.data.shapes_docs.TASK_WEIGHTS
     tasks: tuple[str, ...] = ()
     max_objects: int = 4  # source=shapes: the most objects in a scene (1 = single objects only)
+    # source=shapes: scenes per text-to-image prompt, drawn in one image slot (IMM's particle group of one
+    # condition; the prompt is computed once for all of them)
+    particles: int = 1
 
     def __post_init__(self):
         if self.prefetch < 0 or self.num_workers < 0:
             raise ConfigError(f"data.prefetch and data.num_workers must be >= 0, got {self.prefetch}, {self.num_workers}")
+        if self.particles < 1:
+            raise ConfigError(f"data.particles must be >= 1, got {self.particles}")
         if not 1 <= self.max_objects <= 4:
             raise ConfigError(f"data.max_objects must be in 1..4, got {self.max_objects}")
         if self.tasks:
@@ -156,6 +163,11 @@ class EvalSection:
     num_steps: tuple[int, ...] = (1, 2, 4, 8)
     guidance: float = 1.0
     num_samples: int = 100
+    # learning curve (mmgen/training/curves.py): every curve_every steps (0 = never), curve_samples prompts
+    # of each kind at each of curve_num_steps sampling steps, written to RUN/curve.jsonl and RUN/curve.png
+    curve_every: int = 0
+    curve_samples: int = 32
+    curve_num_steps: tuple[int, ...] = (4,)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -323,3 +323,46 @@ def test_packing_properties(tok, docs, seq_len, N, copies, text_loss, batch_size
             len(e.cuts) > 1 and e.cuts[1][1] == 0 and seq_len > 1
         ):
             assert next(fits) < len(e)
+
+
+# ----------------------------------------------------------------------------- image slots with samples
+
+
+def test_slot_with_samples_has_one_clean_copy_and_a_noisy_copy_per_sample(tok):
+    cfg = PackingConfig(seq_len=64, num_image_tokens=4, image_size=8, num_noisy_copies=1)
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    doc = {"segments": [{"text": "<|user|>Draw a circle.<|end|><|assistant|>"},
+                        {"images": [Image.new("RGB", (8, 8), c) for c in colours]}, {"text": "<|end|>"}]}
+    batch = collate_documents([doc], tok, cfg)
+    kinds, ids = batch["token_kind"][0], batch["image_ids"][0]
+    clean, noisy = kinds == TokenKind.IMAGE_CLEAN, kinds == TokenKind.IMAGE_NOISY
+    assert int(clean.sum()) == 4 and ids[clean].eq(0).all()  # later tokens see the first sample
+    assert int(noisy.sum()) == 12 and ids[noisy].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    boi = batch["input_ids"][0].tolist().index(BOI_ID)
+    assert batch["prefix_end"][0][noisy].eq(boi).all()  # every sample reads the same prompt
+    assert batch["position_ids"][0][noisy].eq(boi + 1).all()
+    assert batch["images"].shape == (3, 3, 8, 8)
+    assert batch["images"][1, 2].eq(1.0).all()  # sample order kept (the second is blue)
+
+
+def test_images_in_user_turns_are_not_generation_targets_when_learning_the_assistant_only(tok):
+    caption = {"segments": [{"text": "<|user|>"}, {"image": red()},
+                            {"text": "Describe the image.<|end|><|assistant|>A red square.<|end|>"}]}
+    for image_loss, expected in (("all", [0, 1]), ("assistant", [1])):
+        cfg = PackingConfig(seq_len=96, num_image_tokens=4, image_size=8, text_loss="assistant",
+                            image_loss=image_loss)
+        batch = collate_documents([caption, chat_t2i()], tok, cfg)
+        noisy = batch["token_kind"] == TokenKind.IMAGE_NOISY
+        assert batch["image_ids"][noisy].unique().tolist() == expected
+        assert batch["images"].shape[0] == 2  # the caption's image is still read (its clean copy)
+
+
+def test_a_document_that_fits_only_because_its_input_image_has_no_noisy_copy_is_kept_whole(tok):
+    caption = {"segments": [{"text": "<|user|>"}, {"image": red()},
+                            {"text": "Describe.<|end|><|assistant|>A red square.<|end|>"}]}
+    needed = len(tokenize_document(caption, tok, PackingConfig(seq_len=64, num_image_tokens=8, image_size=8)))
+    cfg = PackingConfig(seq_len=needed, num_image_tokens=8, image_size=8, image_loss="assistant")
+    packer = DocumentPacker(tok, cfg, batch_size=1)
+    batch = next(packer.iter_batches([caption]))
+    assert batch["num_truncated_documents"] == 0
+    assert int((batch["token_kind"] == TokenKind.IMAGE_CLEAN).sum()) == 8

@@ -10,7 +10,7 @@ from mmgen.data.packing import PackingConfig, collate_documents
 from mmgen.objectives.imm import IMMConfig, condition_chunks, imm_loss
 from mmgen.sampling import pushforward
 from mmgen.tokenization import load_tokenizer
-from mmgen.training.step import condition_ids
+from mmgen.training.step import condition_ids, noisy_image_ids
 
 SHIPPED = Path(__file__).resolve().parents[1] / "tokenizers" / "shapes"
 
@@ -108,3 +108,52 @@ def test_condition_grouped_imm_learns_a_two_class_conditional_in_one_step():
     # Measured with these seeds: 0.87 grouped by condition; 0.98 with the paper's mixed groups, which
     # learn this well-separated toy too (the paired student/target terms carry the condition).
     assert _train_two_class(True, steps=1500) >= 0.8
+
+
+def test_samples_of_one_slot_form_one_condition_and_input_images_are_left_out():
+    tok = load_tokenizer(SHIPPED)
+    config = PackingConfig(seq_len=160, num_image_tokens=4, image_size=8, num_noisy_copies=1,
+                           text_loss="assistant", image_loss="assistant")
+    slot = {"segments": [{"text": "<|user|>Draw a red circle.<|end|><|assistant|>"},
+                         {"images": [_image("red"), _image("blue"), _image("green")]}, {"text": "<|end|>"}]}
+    batch = collate_documents([_caption("red"), slot, _t2i("Draw a red circle.")], tok, config)
+    assert noisy_image_ids(batch).tolist() == [1, 2, 3, 4]  # image 0 is the caption's input
+    assert condition_ids(batch).tolist() == [0, 0, 0, 0]  # one prompt: one condition for all four
+
+
+def test_the_objective_sees_only_generation_targets():
+    """compute_losses hands the loss the latents of the images with noisy copies, and the network's outputs
+    for exactly those images."""
+    from mmgen.training.step import compute_losses
+
+    tok = load_tokenizer(SHIPPED)
+    config = PackingConfig(seq_len=160, num_image_tokens=4, image_size=8, num_noisy_copies=1,
+                           text_loss="assistant", image_loss="assistant")
+    batch = collate_documents([_caption("red"), _t2i("Draw a red circle.", (0, 0, 255)),
+                               _t2i("Draw a blue square.", (0, 255, 0))], tok, config)
+
+    class Encoder:
+        def encode(self, images):  # (M, 3, 8, 8) -> (M, 3, 2, 2): one latent per image, its mean colour
+            return images.mean(dim=(2, 3), keepdim=True).expand(-1, -1, 2, 2)
+
+    seen = {}
+
+    def model(**kw):
+        seen["noisy"] = kw["noisy_latents"].clone()
+        out = type("Out", (), {})()
+        out.loss = torch.zeros(())
+        out.image_outputs = kw["noisy_latents"] * 2.0  # (M, C, h, w), zeros where an image has no copy
+        return out
+
+    def loss_fn(net, x, cond, *, generator, drop_cond):
+        seen["x"] = x.clone()
+        g = net(x + 1.0, torch.ones(x.shape[0]), torch.zeros(x.shape[0]), cond)
+        seen["g"] = g
+        return g.sum() * 0, {}
+
+    compute_losses(model, Encoder(), batch, loss_fn=loss_fn, lambda_img=1.0, generator=torch.Generator(),
+                   device=torch.device("cpu"), target_pass="full")
+    latents = Encoder().encode(batch["images"])
+    assert torch.equal(seen["x"], latents[1:])  # the caption's image (0) is not a target
+    assert seen["noisy"][0].eq(0).all() and torch.equal(seen["noisy"][1:], latents[1:] + 1.0)
+    assert torch.equal(seen["g"], 2.0 * (latents[1:] + 1.0))

@@ -62,7 +62,8 @@ def _final_weights(run: Path) -> dict:
 
 
 def test_sigkill_mid_run_then_resume_ends_with_identical_weights(inputs, tmp_path):
-    args = ["--optim.max_steps", "6", "--run.checkpoint_every", "2"]
+    args = ["--optim.max_steps", "6", "--run.checkpoint_every", "2", "--eval.curve_every", "3",
+            "--eval.curve_samples", "2", "--eval.curve_num_steps", "1"]
     launch([*common(inputs, tmp_path, "straight"), *args])
     killed = launch([*common(inputs, tmp_path, "killed"), *args], check=False, MMGEN_TEST_KILL_AT_STEP="5")
     assert killed.returncode != 0, "the run should have been killed at step 5"
@@ -77,6 +78,17 @@ def test_sigkill_mid_run_then_resume_ends_with_identical_weights(inputs, tmp_pat
     straight = {r["step"]: r["loss"] for r in losses(tmp_path / "straight")}
     after = {r["step"]: r["loss"] for r in losses(tmp_path / "killed")}
     assert after[6] == straight[6]
+    # the learning curve: the point logged before the kill (step 3) is logged again after the resume from step
+    # 2, and the images/tokens seen come back with the checkpoint, so both runs' curves agree
+    from mmgen.training.curves import read_curve
+
+    keys = ("step", "images_seen", "image_targets_seen", "tokens_seen")
+    curves = [[{k: p[k] for k in keys} for p in read_curve(tmp_path / run)] for run in ("straight", "killed")]
+    assert [p["step"] for p in curves[0]] == [3, 6] and curves[0] == curves[1]
+    assert 0 < curves[0][0]["image_targets_seen"] <= curves[0][0]["images_seen"] < curves[0][1]["images_seen"]
+    point = read_curve(tmp_path / "straight")[0]
+    assert {"single@1", "two@1", "caption"} <= point.keys() and point["single@1"]["n"] == 2
+    assert (tmp_path / "straight" / "curve.png").is_file()
 
 
 def test_golden_loss_curve_of_the_tiny_config(inputs, tmp_path):

@@ -61,7 +61,7 @@ def prepare_inputs(cfg: Config, accelerator) -> str:
                 ensure_shapes_shards(cfg.data.shapes_dir, num_docs=cfg.data.num_docs,
                                      resolution=cfg.model.image_size, seed=cfg.data.seed,
                                      samples_per_shard=cfg.data.samples_per_shard, tasks=cfg.data.tasks,
-                                     max_objects=cfg.data.max_objects)
+                                     max_objects=cfg.data.max_objects, particles=cfg.data.particles)
             return f"{cfg.data.shapes_dir}/train-*.tar"
     return cfg.data.shards
 
@@ -108,17 +108,20 @@ def main(argv=None) -> None:
 
     packing = PackingConfig(seq_len=cfg.data.seq_len, num_image_tokens=num_image_tokens,
                             image_size=cfg.model.image_size, num_noisy_copies=1, text_loss=cfg.data.loss_on,
+                            image_loss=cfg.data.loss_on,
                             special_ids=processor.special_ids)
     stream = TrainStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                          num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout
     step = 0
+    seen = {"images_seen": 0, "image_targets_seen": 0, "tokens_seen": 0, "train_seconds": 0.0}  # all ranks
     resume = checkpointing.find_latest(run_dir) if cfg.run.resume == "auto" else (
         None if cfg.run.resume == "none" else Path(cfg.run.resume))
     if resume is not None:
         state, rank_state = checkpointing.load_checkpoint(accelerator, resume, generators={"objective": generator},
                                                           ema=ema)
         step = state["step"]
+        seen = {k: state.get(k, 0) for k in seen}
         stream.load_state_dict(rank_state["data"])
         accelerator.print(f"resumed from {resume} at step {step}")
     accelerator.print(f"rank {rank}/{world}: shards {shards}; {num_trainable:,} trainable params")
@@ -131,6 +134,7 @@ def main(argv=None) -> None:
     guard = NonFiniteGuard(cfg.run.max_nonfinite_in_a_row)
     last_time, images_seen, image_tokens = time.perf_counter(), 0, Counter()
     while step < cfg.optim.max_steps:
+        step_start = time.perf_counter()
         model.train()
         for _ in range(cfg.optim.grad_accum):
             with accelerator.accumulate(model):
@@ -151,9 +155,13 @@ def main(argv=None) -> None:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 images_seen += losses.diagnostics.get("num_images", 0)
+                seen["images_seen"] += world * losses.diagnostics.get("num_images", 0)
+                seen["image_targets_seen"] += world * losses.diagnostics.get("num_image_targets", 0)
+                seen["tokens_seen"] += tokens_per_step // cfg.optim.grad_accum
         if guard.skip(finite, step):
             continue
         step += 1
+        seen["train_seconds"] += time.perf_counter() - step_start
         if ema is not None:
             ema.update(raw_model)
         if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
@@ -177,11 +185,14 @@ def main(argv=None) -> None:
             last_time, images_seen, image_tokens = now, 0, Counter()
         progress.update(1)
         if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
-            checkpointing.save_checkpoint(accelerator, run_dir, step, trainer_state={"peak_flops": peak_source},
+            checkpointing.save_checkpoint(accelerator, run_dir, step, trainer_state={"peak_flops": peak_source, **seen},
                                           generators={"objective": generator}, ema=ema,
                                           rank_state={"data": stream.state_dict()}, keep_last=cfg.run.keep_last)
         if cfg.run.sample_every and step % cfg.run.sample_every == 0 and accelerator.is_main_process:
             _samples(raw_model, ema, processor, run_dir, step)
+        if cfg.eval.curve_every and step % cfg.eval.curve_every == 0 and accelerator.is_main_process:
+            _curve_point(cfg, raw_model, ema, processor, run_dir, step, seen)
+            last_time = time.perf_counter()  # the evaluation's time is not training throughput
         if os.environ.get("MMGEN_TEST_KILL_AT_STEP") == str(step):  # tests: SIGKILL mid-run, then resume
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
@@ -224,6 +235,21 @@ def _samples(model, ema, processor, run_dir: Path, step: int) -> None:
 
     with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
         sample_grid(model, processor, run_dir / "samples" / f"step-{step:08d}.png")
+
+
+def _curve_point(cfg: Config, model, ema, processor, run_dir: Path, step: int, seen: dict) -> None:
+    import contextlib
+
+    from mmgen.training.curves import append_point, curve_point, plot_curves
+
+    model.eval()
+    with ema.swapped_into(model) if ema is not None else contextlib.nullcontext(), torch.no_grad():
+        point = curve_point(model, processor, num_samples=cfg.eval.curve_samples,
+                            num_steps=cfg.eval.curve_num_steps, resolution=cfg.model.image_size)
+    model.train()
+    append_point(run_dir, {"step": step, **seen, **point})
+    plot_curves([run_dir], run_dir / "curve.png", labels=[cfg.run.name])
+    print(f"curve step {step}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in point.items()), flush=True)
 
 
 def _finish(cfg: Config, model, ema, processor, run_dir: Path, step: int, state_dict=None) -> None:

@@ -54,6 +54,9 @@ class PackingConfig:
     image_size: int  # images are resized + centre-cropped to image_size x image_size
     num_noisy_copies: int = 1  # 0 (understanding only / inference), 1 (student), 2 (student + IMM target)
     text_loss: str = "all"  # "all": every text token; "assistant": only inside <|assistant|> ... <|end|>
+    # "all": every image gets noisy copies (is a generation target); "assistant": not the images inside a user
+    # turn (<|user|> ... <|end|>), which the model reads but never draws (captioning, VQA inputs)
+    image_loss: str = "all"
     add_bos: bool = True  # <s> at the start of each document
     add_eos: bool = True  # </s> at the end of each (untruncated) document
     # The ids written for <s>, <|boi|>, ...: the fixed ids of CONTRACTS.md §4 (the shapes tokenizer) unless a
@@ -63,8 +66,9 @@ class PackingConfig:
     def __post_init__(self):
         if self.num_noisy_copies not in (0, 1, 2):
             raise ValueError(f"PackingConfig.num_noisy_copies must be 0, 1 or 2, got {self.num_noisy_copies}")
-        if self.text_loss not in ("all", "assistant"):
-            raise ValueError(f"PackingConfig.text_loss must be 'all' or 'assistant', got {self.text_loss!r}")
+        for name in ("text_loss", "image_loss"):
+            if getattr(self, name) not in ("all", "assistant"):
+                raise ValueError(f"PackingConfig.{name} must be 'all' or 'assistant', got {getattr(self, name)!r}")
         if self.num_image_tokens < 1 or self.image_size < 1:
             raise ValueError("PackingConfig.num_image_tokens and image_size must be >= 1")
         if self.seq_len < 1:
@@ -83,6 +87,7 @@ class TokenizedDocument:
     patch_ids: list[int]
     boi_offsets: list[int]  # per image: offset of its <|boi|> within the document
     images: list[torch.Tensor]  # per image: (3, H, W) in [-1, 1]
+    noisy: list[bool]  # per image: has noisy copies (a generation target); see PackingConfig.image_loss
     cuts: list[tuple[int, int]] = field(default_factory=list)  # (tokens, images) at each segment boundary
     truncated: bool = False
     dropped_images: int = 0
@@ -90,9 +95,12 @@ class TokenizedDocument:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def cost(self, config: PackingConfig) -> int:
-        """Row room this document needs: its tokens plus its images' noisy copies."""
-        return len(self.input_ids) + config.num_noisy_copies * config.num_image_tokens * len(self.images)
+    def cost(self, config: PackingConfig, num_tokens: int | None = None, num_images: int | None = None) -> int:
+        """Row room this document (or its first `num_tokens` tokens holding `num_images` images) needs: its
+        tokens plus its images' noisy copies."""
+        n_tok = len(self.input_ids) if num_tokens is None else num_tokens
+        noisy = sum(self.noisy[: len(self.images) if num_images is None else num_images])
+        return n_tok + config.num_noisy_copies * config.num_image_tokens * noisy
 
 
 def _check_segments(document, where: str) -> list[dict]:
@@ -102,8 +110,10 @@ def _check_segments(document, where: str) -> list[dict]:
     if not segments:
         raise ValueError(f"{where}: 'segments' is empty")
     for i, seg in enumerate(segments):
-        if not isinstance(seg, dict) or len(seg.keys() & {"text", "image"}) != 1:
-            raise ValueError(f"{where}: segments[{i}] must have exactly one of 'text' or 'image'")
+        if not isinstance(seg, dict) or len(seg.keys() & {"text", "image", "images"}) != 1:
+            raise ValueError(f"{where}: segments[{i}] must have exactly one of 'text', 'image' or 'images'")
+        if "images" in seg and (not isinstance(seg["images"], list) or not seg["images"]):
+            raise ValueError(f"{where}: segments[{i}]['images'] must be a non-empty list of images")
         if "text" in seg and not isinstance(seg["text"], str):
             raise ValueError(
                 f"{where}: segments[{i}]['text'] must be a str, got {type(seg['text']).__name__}"
@@ -120,10 +130,16 @@ def tokenize_document(
     texts = [seg["text"] for seg in segments if "text" in seg]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     N, sid = config.num_image_tokens, config.special_ids
-    doc = TokenizedDocument([], [], [], [], [], [], [], [])
+    doc = TokenizedDocument([], [], [], [], [], [], [], [], [])
     pos = 0
+    in_user = False  # inside <|user|> ... <|end|>: images there are inputs, not generation targets
 
     def add(token_id: int, kind: TokenKind, position: int, image: int = -1, patch: int = -1):
+        nonlocal in_user
+        if token_id == sid.user:
+            in_user = True
+        elif token_id in (sid.end, sid.assistant):
+            in_user = False
         doc.input_ids.append(token_id)
         doc.token_kind.append(int(kind))
         doc.position_ids.append(position)
@@ -144,11 +160,13 @@ def tokenize_document(
                 add(t, TokenKind.TEXT, pos)
                 pos += 1
         else:
-            k = len(doc.images)
-            doc.images.append(
-                image_to_tensor(seg["image"], config.image_size, where=f"{where}: segments[{i}]")
-            )
-            doc.boi_offsets.append(len(doc.input_ids))
+            k = len(doc.images)  # the slot's first sample: its clean copy is what later tokens see
+            samples = seg["images"] if "images" in seg else [seg["image"]]
+            target = config.image_loss == "all" or not in_user
+            for image in samples:
+                doc.images.append(image_to_tensor(image, config.image_size, where=f"{where}: segments[{i}]"))
+                doc.boi_offsets.append(len(doc.input_ids))
+                doc.noisy.append(target)
             add(sid.boi, TokenKind.TEXT, pos)
             for p in range(N):  # one shared position for the whole image (DESIGN.md §3)
                 add(sid.image, TokenKind.IMAGE_CLEAN, pos + 1, image=k, patch=p)
@@ -181,10 +199,9 @@ def _labels(input_ids: list[int], token_kind: list[int], text_loss: str, sid: Sp
 def truncate_document(doc: TokenizedDocument, budget: int, config: PackingConfig) -> TokenizedDocument | None:
     """The longest prefix of `doc` cut at a segment boundary whose cost fits `budget`; a first text segment
     is cut at a token boundary if no segment fits; None when nothing (beyond <s>) fits."""
-    per_image = config.num_noisy_copies * config.num_image_tokens
     keep = None
     for n_tok, n_img in reversed(doc.cuts):
-        if n_tok + per_image * n_img <= budget and n_tok > doc.cuts[0][0]:
+        if doc.cost(config, n_tok, n_img) <= budget and n_tok > doc.cuts[0][0]:
             keep = (n_tok, n_img)
             break
     if keep is None:
@@ -203,6 +220,7 @@ def truncate_document(doc: TokenizedDocument, budget: int, config: PackingConfig
         patch_ids=doc.patch_ids[:n_tok],
         boi_offsets=doc.boi_offsets[:n_img],
         images=doc.images[:n_img],
+        noisy=doc.noisy[:n_img],
         cuts=[c for c in doc.cuts if c[0] <= n_tok],
         truncated=True,
         dropped_images=len(doc.images) - n_img,
@@ -246,7 +264,8 @@ def build_batch(
             out["image_ids"][b, sl] = torch.where(local >= 0, local + first_image, local)
             out["patch_ids"][b, sl] = torch.tensor(doc.patch_ids)
             for k, boi in enumerate(doc.boi_offsets):
-                row_images.append((first_image + k, at + boi, doc.position_ids[boi] + 1, d))
+                if doc.noisy[k]:
+                    row_images.append((first_image + k, at + boi, doc.position_ids[boi] + 1, d))
             images.extend(doc.images)
             at += n
         for kind in (TokenKind.IMAGE_NOISY, TokenKind.IMAGE_TARGET)[:C]:

@@ -6,10 +6,12 @@ splits the member name at the first dot of its basename). Two sample layouts are
 - image-caption pair, img2dataset style: `KEY.jpg|jpeg|png|webp` plus `KEY.txt` (the caption) or
   `KEY.json` with a `"caption"` field (other JSON fields become `meta`);
 - interleaved document: `KEY.json` = `{"segments": [{"text": "..."}, {"image": "0.png"}, ...],
-  "meta": {...}}`, each image segment naming a member of the same sample (`KEY.0.png`).
+  "meta": {...}}`, each image segment naming a member of the same sample (`KEY.0.png`). A segment
+  `{"images": ["1.png", "2.png", ...]}` is one image slot answered by several samples (e.g. renders of one
+  prompt): each is a draw from the same conditional distribution, and later segments see the first.
 
 Both decode to the document of CONTRACTS.md §5:
-`{"segments": [{"text": str} | {"image": PIL.Image.Image (RGB)}, ...], "meta": dict}`.
+`{"segments": [{"text": str} | {"image": PIL.Image.Image (RGB)} | {"images": [PIL images]}, ...], "meta": dict}`.
 Anything that does not decode raises `SampleError` whose `problem` is one of `PROBLEMS`, so the
 reader can count it by kind.
 """
@@ -95,6 +97,18 @@ def _parse_json(raw: bytes) -> Any:
         raise SampleError("bad_json", f"invalid JSON ({exn})") from exn
 
 
+def _member_image(sample, member, i: int, resolution) -> Image.Image:
+    if not isinstance(member, str):
+        raise SampleError("invalid_sample", f"segment {i}: image must name a member like '0.png'")
+    member = member.lower()  # webdataset lower-cases member suffixes
+    if member not in sample:
+        raise SampleError("missing_image", f"segment {i} names image member {member!r}, absent from the tar")
+    try:
+        return decode_image(sample[member], resolution)
+    except SampleError as exn:
+        raise SampleError("bad_image", f"segment {i} ({member}): {exn}") from exn
+
+
 def _decode_interleaved(sample, spec: dict, resolution) -> dict:
     segments, meta = spec["segments"], spec.get("meta", {})
     if not isinstance(segments, list):
@@ -103,26 +117,22 @@ def _decode_interleaved(sample, spec: dict, resolution) -> dict:
         raise SampleError("invalid_sample", "'meta' must be an object")
     out = []
     for i, segment in enumerate(segments):
-        if not isinstance(segment, dict) or len(segment) != 1 or not ({"text", "image"} & segment.keys()):
-            raise SampleError("invalid_sample", f"segment {i} must be {{'text': str}} or {{'image': member}}")
+        if not isinstance(segment, dict) or len(segment) != 1 or not ({"text", "image", "images"} & segment.keys()):
+            raise SampleError("invalid_sample",
+                              f"segment {i} must be {{'text': str}}, {{'image': member}} or {{'images': [members]}}")
         if "text" in segment:
             if not isinstance(segment["text"], str):
                 raise SampleError("invalid_sample", f"segment {i}: text must be a string")
             if segment["text"]:
                 out.append({"text": segment["text"]})
             continue
-        member = segment["image"]
-        if not isinstance(member, str):
-            raise SampleError("invalid_sample", f"segment {i}: image must name a member like '0.png'")
-        member = member.lower()  # webdataset lower-cases member suffixes
-        if member not in sample:
-            raise SampleError(
-                "missing_image", f"segment {i} names image member {member!r}, absent from the tar"
-            )
-        try:
-            out.append({"image": decode_image(sample[member], resolution)})
-        except SampleError as exn:
-            raise SampleError("bad_image", f"segment {i} ({member}): {exn}") from exn
+        if "images" in segment:
+            members = segment["images"]
+            if not isinstance(members, list) or not members:
+                raise SampleError("invalid_sample", f"segment {i}: images must be a non-empty list of members")
+            out.append({"images": [_member_image(sample, m, i, resolution) for m in members]})
+        else:
+            out.append({"image": _member_image(sample, segment["image"], i, resolution)})
     if not out:
         raise SampleError("empty_document", "document has no non-empty segment")
     return {"segments": out, "meta": dict(meta)}
@@ -193,10 +203,12 @@ def encode_document(document: dict, key: str) -> dict[str, bytes | str]:
     for segment in document["segments"]:
         if "text" in segment:
             segments.append({"text": segment["text"]})
-        else:
-            name = f"{len(files)}.png"
-            files[name] = encode_png(segment["image"])
-            segments.append({"image": name})
+            continue
+        names = []
+        for image in segment["images"] if "images" in segment else [segment["image"]]:
+            names.append(f"{len(files)}.png")
+            files[names[-1]] = encode_png(image)
+        segments.append({"images": names} if "images" in segment else {"image": names[0]})
     meta = {k: v for k, v in document.get("meta", {}).items() if not k.startswith("_")}
     spec = {"segments": segments, "meta": meta}
     return {"__key__": check_key(key), "json": json.dumps(spec, sort_keys=True).encode("utf-8"), **files}

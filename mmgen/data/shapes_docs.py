@@ -2,7 +2,9 @@
 
 Every document is {"segments": [{"text": str} | {"image": PIL RGB}, ...], "meta": dict}, a chat
 with the role tokens written inline as text. Tasks:
-- "t2i":       <|user|>Draw a red circle left of a blue square.<|end|><|assistant|> [image] <|end|>
+- "t2i":       <|user|>Draw a red circle left of a blue square.<|end|><|assistant|> [image] <|end|>;
+               with `particles` M > 1 the image slot holds M different scenes that all fit the prompt
+               (segment {"images": [...]}: M samples of one conditional distribution, IMM's particle group)
 - "caption":   <|user|> [image] Describe the image.<|end|><|assistant|>A red circle ....<|end|>
 - "vqa":       <|user|> [image] How many shapes are there?<|end|><|assistant|>Two.<|end|>
 - "multiturn": draw one object, "Now add ... to its right." (1-3 times), questions in between
@@ -167,12 +169,30 @@ def _question_text(question: dict, rng: random.Random, split: str) -> str:
 # --------------------------------------------------------------------------- tasks
 
 
-def _t2i(rng, split, res, max_objects=4):
+def scenes_for_spec(spec: dict, first: Scene, rng: random.Random, count: int, tries: int = 200) -> list[Scene]:
+    """`count` scenes that all fit `spec` exactly (`first` and count - 1 others with the same objects at new
+    places and sizes, each passing every verdict of `check_spec`, relations included)."""
+    from mmgen.data.judge import check_spec
+
+    combos = [(o.colour, o.shape) for o in first.objects]
+    scenes = [first]
+    for _ in range(tries):
+        if len(scenes) == count:
+            break
+        scene = sample_scene(rng, combos=combos)
+        if all(check_spec(spec, scene.objects).values()):
+            scenes.append(scene)
+    return scenes
+
+
+def _t2i(rng, split, res, max_objects=4, particles=1):
     scene = sample_scene(rng, split=split, max_objects=max_objects)
     spec = scene_spec(scene, rng)
     prompt = G.realise_request("t2i", spec, rng.choice(G.templates_for("t2i", split)), rng)
-    segs = [{"text": f"{USER}{prompt}{END}{ASSISTANT}"}, {"image": render(scene, res)}, {"text": END}]
-    return segs, {"scenes": [scene.to_dict()], "prompt": spec}
+    scenes = scenes_for_spec(spec, scene, rng, particles) if particles > 1 else [scene]
+    image = {"images": [render(s, res) for s in scenes]} if particles > 1 else {"image": render(scene, res)}
+    segs = [{"text": f"{USER}{prompt}{END}{ASSISTANT}"}, image, {"text": END}]
+    return segs, {"scenes": [s.to_dict() for s in scenes], "prompt": spec}
 
 
 def _caption(rng, split, res, max_objects=4):
@@ -257,20 +277,25 @@ def make_document(
     resolution: int = 32,
     tasks: Sequence[str] | Mapping[str, float] | None = None,
     max_objects: int = 4,
+    particles: int = 1,
 ) -> dict:
     """Document number `index` of the stream (seed, split): the same whatever else is drawn.
 
     `tasks`: the document kinds and their mix (see `parse_task_weights`; default `TASK_WEIGHTS`).
     `max_objects` (1..4): the most objects in a scene (a curriculum's first stage: 1); at 4 the documents are
-    those of every earlier version."""
+    those of every earlier version. `particles` M > 1: each text-to-image document answers its prompt with M
+    different scenes in one image slot (`{"images": [...]}`); M = 1 gives the documents of every earlier version."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not 1 <= max_objects <= 4:
         raise ValueError(f"max_objects must be in 1..4, got {max_objects}")
+    if particles < 1:
+        raise ValueError(f"particles must be >= 1, got {particles}")
     weights = parse_task_weights(tasks)
     rng = random.Random(f"mmgen-shapes/{seed}/{split}/{index}")
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
-    segments, meta = _BUILDERS[task](rng, split, resolution, max_objects)
+    extra = {"particles": particles} if task == "t2i" else {}
+    segments, meta = _BUILDERS[task](rng, split, resolution, max_objects, **extra)
     meta = {"task": task, "split": split, "index": index, "seed": seed, "resolution": resolution, **meta}
     return {"segments": _merge_text(segments), "meta": meta}
 
@@ -284,12 +309,13 @@ def iter_documents(
     tasks: Sequence[str] | Mapping[str, float] | None = None,
     start: int = 0,
     max_objects: int = 4,
+    particles: int = 1,
 ) -> Iterator[dict]:
     """Documents start .. start+num_docs-1 of the deterministic stream (endless if num_docs is None)."""
     index = start
     while num_docs is None or index < start + num_docs:
         yield make_document(index, seed=seed, split=split, resolution=resolution, tasks=tasks,
-                            max_objects=max_objects)
+                            max_objects=max_objects, particles=particles)
         index += 1
 
 

@@ -449,7 +449,7 @@ def bench(
             first_batch_s = time.perf_counter() - start
         reader.observe(docs)
         documents += len(docs)
-        images += sum("image" in s for d in docs for s in d["segments"])
+        images += sum(len(s.get("images", ())) + ("image" in s) for d in docs for s in d["segments"])
         if max_documents is not None and documents >= max_documents:
             break
     seconds = time.perf_counter() - start

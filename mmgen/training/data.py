@@ -36,18 +36,18 @@ from mmgen.data.webdata import WebDocuments
 
 def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int, seed: int,
                          samples_per_shard: int = 1000, tasks: tuple[str, ...] | list[str] = (),
-                         max_objects: int = 4) -> Path:
+                         max_objects: int = 4, particles: int = 1) -> Path:
     """Write the shapes-world training shards once: kept when the manifest says they were made with the
-    same settings, rebuilt (with a message) when it says otherwise. `tasks`, `max_objects`: see
-    `make_shards --tasks / --max-objects`."""
+    same settings, rebuilt (with a message) when it says otherwise. `tasks`, `max_objects`, `particles`: see
+    `make_shards --tasks / --max-objects / --particles`."""
     from mmgen.data import make_shards
 
     out = Path(out_dir)
     manifest = out / "train-manifest.json"
     want = {"num_docs": num_docs, "seed": seed, "resolution": resolution, "samples_per_shard": samples_per_shard,
-            "tasks": list(tasks) or None, "max_objects": max_objects}  # fmt: skip
+            "tasks": list(tasks) or None, "max_objects": max_objects, "particles": particles}  # fmt: skip
     if manifest.is_file():
-        have = {"max_objects": 4, **json.loads(manifest.read_text()).get("config", {})}  # older manifests: 4
+        have = {"max_objects": 4, "particles": 1, **json.loads(manifest.read_text()).get("config", {})}  # older manifests: 4
         changed = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if not changed:
             return out
@@ -58,7 +58,7 @@ def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int,
     make_shards.main([
         "--source", "shapes", "--num-docs", str(num_docs), "--out", str(out), "--split", "train",
         "--seed", str(seed), "--resolution", str(resolution), "--samples-per-shard", str(samples_per_shard),
-        *(["--tasks", *tasks] if tasks else []), "--max-objects", str(max_objects),
+        *(["--tasks", *tasks] if tasks else []), "--max-objects", str(max_objects), "--particles", str(particles),
     ])  # fmt: skip
     return out
 

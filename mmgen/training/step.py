@@ -39,8 +39,16 @@ def drop_condition(cond: dict, mask: torch.Tensor) -> dict:
     return {**cond, "image_uncond": cond["image_uncond"] | mask.to(cond["image_uncond"].device)}
 
 
+def noisy_image_ids(inputs: dict) -> torch.Tensor:
+    """Sorted ids of the images that have noisy copies (generation targets), (num_noisy,) long."""
+    kind, patch = inputs["token_kind"], inputs["patch_ids"]
+    first_patch = (kind == TokenKind.IMAGE_NOISY) & (patch == 0)  # one token per image
+    return inputs["image_ids"][first_patch].unique(sorted=True)
+
+
 def condition_ids(inputs: dict) -> torch.Tensor:
-    """One id per image of a packed batch (num_images,): images whose conditions are identical share it.
+    """One id per image with noisy copies (in image-id order, as `noisy_image_ids`): images whose conditions
+    are identical share it.
 
     An image's condition is its document's tokens up to its `<|boi|>`. Two images share an id when
     those token ids are equal and the prefix holds no earlier image (whose content the ids do not
@@ -52,13 +60,13 @@ def condition_ids(inputs: dict) -> torch.Tensor:
     image = inputs["image_ids"].cpu()[rows, cols]
     end = inputs["prefix_end"].cpu()[rows, cols]
     keys: dict = {}
-    out = [0] * len(image)
+    out = {}
     for b, i, e in zip(rows.tolist(), image.tolist(), end.tolist()):
         in_doc = (docs[b, : e + 1] == docs[b, e]).nonzero(as_tuple=True)[0]
         has_image = bool((kind[b, in_doc] == TokenKind.IMAGE_CLEAN).any())
         key = ("unique", i) if has_image else tuple(ids[b, in_doc].tolist())
         out[i] = keys.setdefault(key, len(keys))
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor([out[i] for i in sorted(out)], dtype=torch.long)
 
 
 TARGET_PASSES = ("prefix", "full")
@@ -99,17 +107,33 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
         return out.image_outputs.float()
 
     num_images = latents.shape[0]
-    if num_images >= (1 if group_by_condition else 2):
+    # The objective sees only the images with noisy copies (generation targets); the model gets every image's
+    # clean latent and the subset's noisy ones in their slots (zeros elsewhere: no token reads them).
+    targets = noisy_image_ids(inputs).to(latents.device)
+    num_targets = targets.shape[0]
+
+    def subset_net(x_in, t_in, s_in, cond):
+        full = lambda v: v.new_zeros((num_images, *v.shape[1:])).index_copy(0, targets, v)
+        return net(full(x_in), full(t_in), full(s_in), cond)[targets]
+
+    def subset_drop(cond, mask):
+        return drop_condition(cond, torch.zeros(num_images, dtype=torch.bool, device=mask.device)
+                              .index_copy(0, targets.to(mask.device), mask))
+
+    if num_targets >= (1 if group_by_condition else 2):
         extra = {"group_ids": condition_ids(inputs)} if group_by_condition else {}
-        image_loss, diag = loss_fn(net, latents.float(), inputs, generator=generator, drop_cond=drop_condition,
+        everything = num_targets == num_images
+        image_loss, diag = loss_fn(net if everything else subset_net, latents[targets].float(), inputs,
+                                   generator=generator, drop_cond=drop_condition if everything else subset_drop,
                                    **extra)
         text = text_loss["value"]
     else:  # too few images for a particle group: text loss only (counted); the row's noisy copy is inert
         zeros = torch.zeros(num_images, device=device)
+        noisy = num_targets > 0
         out = model(**inputs, clean_latents=latents if num_images else None,
-                    noisy_latents=torch.zeros_like(latents) if num_images else None, noisy_t=zeros, noisy_s=zeros)
-        text, image_loss, diag = out.loss, torch.zeros((), device=device), {"num_excluded": num_images}
-    diag = {**diag, **counters, "num_images": num_images}
+                    noisy_latents=torch.zeros_like(latents) if noisy else None, noisy_t=zeros, noisy_s=zeros)
+        text, image_loss, diag = out.loss, torch.zeros((), device=device), {"num_excluded": num_targets}
+    diag = {**diag, **counters, "num_images": num_images, "num_image_targets": num_targets}
     return StepLosses(loss=text + lambda_img * image_loss, text=text.detach(), image=image_loss.detach(),
                       diagnostics=diag)
 

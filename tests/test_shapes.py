@@ -285,3 +285,20 @@ def test_grammar_corpus_covers_every_template_and_word():
     words = [*G.COLOURS, *G.SHAPES, *G.NUMBER_WORDS, "yes", "no"]
     phrases = [p for ps in list(G.REL_PHRASES.values()) + list(G.REL_IT_PHRASES.values()) for p in ps]
     assert all(w in text for w in words + phrases)
+
+
+def test_every_sample_of_a_prompt_fits_it_and_the_samples_differ():
+    from mmgen.data.judge import check_spec, judge_image
+
+    for doc in iter_documents(12, seed=5, tasks=["t2i"], particles=4):
+        (slot,) = [s["images"] for s in doc["segments"] if "images" in s]
+        spec, scenes = doc["meta"]["prompt"], doc["meta"]["scenes"]
+        assert len(slot) == len(scenes) == 4
+        assert len({img.tobytes() for img in slot}) == 4  # four different scenes
+        for image in slot:  # the judge reads every render as fitting the prompt (relations included)
+            assert all(check_spec(spec, judge_image(image).objects).values())
+    plain = make_document(3, seed=5, tasks=["t2i"])
+    assert any("image" in s for s in plain["segments"]) and plain == make_document(3, seed=5, tasks=["t2i"],
+                                                                                 particles=1)
+    with pytest.raises(ValueError, match="particles"):
+        make_document(0, seed=0, particles=0)

@@ -475,3 +475,20 @@ def test_max_objects_limits_every_scene_and_older_manifests_mean_four(tmp_path, 
     assert "rebuilding" in capsys.readouterr().err
     got = read_all(WebDocuments(str(tmp_path / "train-*.tar"), resolution=32, shuffle=False))
     assert all(len(s["objects"]) == 1 for d in got for s in d["meta"]["scenes"])
+
+
+def test_slots_with_several_samples_round_trip_through_shards(tmp_path):
+    from mmgen.data.make_shards import main
+    from mmgen.data.shapes import iter_documents
+
+    main(["--source", "shapes", "--num-docs", "4", "--out", str(tmp_path), "--seed", "2", "--tasks", "t2i",
+          "--particles", "3"])  # fmt: skip
+    expected = list(iter_documents(4, seed=2, tasks=["t2i"], particles=3))
+    got = read_all(WebDocuments(str(tmp_path / "train-*.tar"), resolution=32, shuffle=False))
+    for want, have in zip(expected, got, strict=True):
+        slots = [s["images"] for s in have["segments"] if "images" in s]
+        assert len(slots) == 1 and len(slots[0]) == 3
+        wanted = [s["images"] for s in want["segments"] if "images" in s][0]
+        assert [a.tobytes() for a in wanted] == [b.tobytes() for b in slots[0]]
+    manifest = json.loads((tmp_path / "train-manifest.json").read_text())
+    assert manifest["config"]["particles"] == 3 and manifest["num_images"] == 12

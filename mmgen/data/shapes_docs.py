@@ -171,7 +171,8 @@ def _question_text(question: dict, rng: random.Random, split: str) -> str:
 
 def scenes_for_spec(spec: dict, first: Scene, rng: random.Random, count: int, tries: int = 200) -> list[Scene]:
     """`count` scenes that all fit `spec` exactly (`first` and count - 1 others with the same objects at new
-    places and sizes, each passing every verdict of `check_spec`, relations included)."""
+    places and sizes, each passing every verdict of `check_spec`, relations included); fewer when `tries`
+    random placements do not find them (a crowded scene with a relation)."""
     from mmgen.data.judge import check_spec
 
     combos = [(o.colour, o.shape) for o in first.objects]

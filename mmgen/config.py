@@ -79,10 +79,13 @@ class DataSection:
     # source=shapes: scenes per text-to-image prompt, drawn in one image slot (IMM's particle group of one
     # condition; the prompt is computed once for all of them)
     particles: int = 1
+    t2i_max_objects: int | None = None  # source=shapes: the most objects in a text-to-image scene (None = max_objects)
 
     def __post_init__(self):
         if self.prefetch < 0 or self.num_workers < 0:
             raise ConfigError(f"data.prefetch and data.num_workers must be >= 0, got {self.prefetch}, {self.num_workers}")
+        if self.t2i_max_objects is not None and not 1 <= self.t2i_max_objects <= self.max_objects:
+            raise ConfigError(f"data.t2i_max_objects must be in 1..data.max_objects, got {self.t2i_max_objects}")
         if self.particles < 1:
             raise ConfigError(f"data.particles must be >= 1, got {self.particles}")
         if not 1 <= self.max_objects <= 4:

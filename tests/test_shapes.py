@@ -302,3 +302,12 @@ def test_every_sample_of_a_prompt_fits_it_and_the_samples_differ():
                                                                                  particles=1)
     with pytest.raises(ValueError, match="particles"):
         make_document(0, seed=0, particles=0)
+
+
+def test_t2i_max_objects_bounds_only_the_drawing_tasks():
+    docs = list(iter_documents(200, seed=6, tasks=["t2i", "caption"], t2i_max_objects=2))
+    counts = {task: {len(d["meta"]["scenes"][0]["objects"]) for d in docs if d["meta"]["task"] == task}
+              for task in ("t2i", "caption")}
+    assert counts["t2i"] == {1, 2} and counts["caption"] == {1, 2, 3, 4}
+    with pytest.raises(ValueError, match="t2i_max_objects"):
+        make_document(0, seed=0, max_objects=2, t2i_max_objects=3)

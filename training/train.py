@@ -61,7 +61,8 @@ def prepare_inputs(cfg: Config, accelerator) -> str:
                 ensure_shapes_shards(cfg.data.shapes_dir, num_docs=cfg.data.num_docs,
                                      resolution=cfg.model.image_size, seed=cfg.data.seed,
                                      samples_per_shard=cfg.data.samples_per_shard, tasks=cfg.data.tasks,
-                                     max_objects=cfg.data.max_objects, particles=cfg.data.particles)
+                                     max_objects=cfg.data.max_objects, particles=cfg.data.particles,
+                                     t2i_max_objects=cfg.data.t2i_max_objects)
             return f"{cfg.data.shapes_dir}/train-*.tar"
     return cfg.data.shards
 

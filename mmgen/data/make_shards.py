@@ -109,11 +109,12 @@ def iter_jsonl_samples(path: str, image_root: str, skipped: Counter) -> Iterator
 
 
 def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int,
-                        tasks: list[str] | None = None, max_objects: int = 4, particles: int = 1) -> Iterator[dict]:
+                        tasks: list[str] | None = None, max_objects: int = 4, particles: int = 1,
+                        t2i_max_objects: int | None = None) -> Iterator[dict]:
     from mmgen.data.shapes import iter_documents  # the shapes world (issue 4 §1)
 
     documents = iter_documents(num_docs, seed=seed, split=split, resolution=resolution, tasks=tasks,
-                               max_objects=max_objects, particles=particles)
+                               max_objects=max_objects, particles=particles, t2i_max_objects=t2i_max_objects)
     for index, document in enumerate(documents):
         yield encode_document(document, f"{index:09d}")
 
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="shapes: the most objects in a scene, 1..4 (1: single objects, a curriculum's first stage)")
     parser.add_argument("--particles", type=int, default=1,
                         help="shapes: scenes per text-to-image prompt, in one image slot ({'images': [...]})")
+    parser.add_argument("--t2i-max-objects", type=int, default=None,
+                        help="shapes: the most objects in a text-to-image scene (default: --max-objects)")
     parser.add_argument("--jsonl", help="jsonl: input file")
     parser.add_argument("--image-root", default=".", help="jsonl: directory image paths are relative to")
     args = parser.parse_args(argv)
@@ -169,8 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--max-objects must be in 1..4, got {args.max_objects}")
         if args.particles < 1:
             parser.error(f"--particles must be >= 1, got {args.particles}")
+        if args.t2i_max_objects is not None and not 1 <= args.t2i_max_objects <= args.max_objects:
+            parser.error(f"--t2i-max-objects must be in 1..--max-objects, got {args.t2i_max_objects}")
         samples = iter_shapes_samples(args.num_docs, args.seed, args.split, args.resolution, args.tasks,
-                                      args.max_objects, args.particles)
+                                      args.max_objects, args.particles, args.t2i_max_objects)
         total = args.num_docs
     else:
         if args.jsonl is None:
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = {k: v for k, v in config.items() if k not in ("jsonl", "image_root")}
     else:
         config = {k: v for k, v in config.items()
-                  if k not in ("num_docs", "seed", "resolution", "tasks", "max_objects", "particles")}
+                  if k not in ("num_docs", "seed", "resolution", "tasks", "max_objects", "particles", "t2i_max_objects")}
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": args.source,

@@ -279,24 +279,30 @@ def make_document(
     tasks: Sequence[str] | Mapping[str, float] | None = None,
     max_objects: int = 4,
     particles: int = 1,
+    t2i_max_objects: int | None = None,
 ) -> dict:
     """Document number `index` of the stream (seed, split): the same whatever else is drawn.
 
     `tasks`: the document kinds and their mix (see `parse_task_weights`; default `TASK_WEIGHTS`).
     `max_objects` (1..4): the most objects in a scene (a curriculum's first stage: 1); at 4 the documents are
     those of every earlier version. `particles` M > 1: each text-to-image document answers its prompt with M
-    different scenes in one image slot (`{"images": [...]}`); M = 1 gives the documents of every earlier version."""
+    different scenes in one image slot (`{"images": [...]}`); M = 1 gives the documents of every earlier version.
+    `t2i_max_objects`: the most objects in a text-to-image scene (None = `max_objects`), so the drawing tasks can
+    dwell on few objects while captions, questions and multi-turn documents keep up to `max_objects`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not 1 <= max_objects <= 4:
         raise ValueError(f"max_objects must be in 1..4, got {max_objects}")
     if particles < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
+    if t2i_max_objects is not None and not 1 <= t2i_max_objects <= max_objects:
+        raise ValueError(f"t2i_max_objects must be in 1..max_objects={max_objects}, got {t2i_max_objects}")
     weights = parse_task_weights(tasks)
     rng = random.Random(f"mmgen-shapes/{seed}/{split}/{index}")
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
     extra = {"particles": particles} if task == "t2i" else {}
-    segments, meta = _BUILDERS[task](rng, split, resolution, max_objects, **extra)
+    most = t2i_max_objects if task == "t2i" and t2i_max_objects is not None else max_objects
+    segments, meta = _BUILDERS[task](rng, split, resolution, most, **extra)
     meta = {"task": task, "split": split, "index": index, "seed": seed, "resolution": resolution, **meta}
     return {"segments": _merge_text(segments), "meta": meta}
 
@@ -311,12 +317,13 @@ def iter_documents(
     start: int = 0,
     max_objects: int = 4,
     particles: int = 1,
+    t2i_max_objects: int | None = None,
 ) -> Iterator[dict]:
     """Documents start .. start+num_docs-1 of the deterministic stream (endless if num_docs is None)."""
     index = start
     while num_docs is None or index < start + num_docs:
         yield make_document(index, seed=seed, split=split, resolution=resolution, tasks=tasks,
-                            max_objects=max_objects, particles=particles)
+                            max_objects=max_objects, particles=particles, t2i_max_objects=t2i_max_objects)
         index += 1
 
 

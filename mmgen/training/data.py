@@ -36,18 +36,19 @@ from mmgen.data.webdata import WebDocuments
 
 def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int, seed: int,
                          samples_per_shard: int = 1000, tasks: tuple[str, ...] | list[str] = (),
-                         max_objects: int = 4, particles: int = 1) -> Path:
+                         max_objects: int = 4, particles: int = 1, t2i_max_objects: int | None = None) -> Path:
     """Write the shapes-world training shards once: kept when the manifest says they were made with the
-    same settings, rebuilt (with a message) when it says otherwise. `tasks`, `max_objects`, `particles`: see
-    `make_shards --tasks / --max-objects / --particles`."""
+    same settings, rebuilt (with a message) when it says otherwise. `tasks`, `max_objects`, `particles`,
+    `t2i_max_objects`: see `make_shards --tasks / --max-objects / --particles / --t2i-max-objects`."""
     from mmgen.data import make_shards
 
     out = Path(out_dir)
     manifest = out / "train-manifest.json"
     want = {"num_docs": num_docs, "seed": seed, "resolution": resolution, "samples_per_shard": samples_per_shard,
-            "tasks": list(tasks) or None, "max_objects": max_objects, "particles": particles}  # fmt: skip
+            "tasks": list(tasks) or None, "max_objects": max_objects, "particles": particles,
+            "t2i_max_objects": t2i_max_objects}  # fmt: skip
     if manifest.is_file():
-        have = {"max_objects": 4, "particles": 1, **json.loads(manifest.read_text()).get("config", {})}  # older manifests: 4
+        have = {"max_objects": 4, "particles": 1, "t2i_max_objects": None, **json.loads(manifest.read_text()).get("config", {})}  # older manifests: 4
         changed = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if not changed:
             return out
@@ -59,6 +60,7 @@ def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int,
         "--source", "shapes", "--num-docs", str(num_docs), "--out", str(out), "--split", "train",
         "--seed", str(seed), "--resolution", str(resolution), "--samples-per-shard", str(samples_per_shard),
         *(["--tasks", *tasks] if tasks else []), "--max-objects", str(max_objects), "--particles", str(particles),
+        *(["--t2i-max-objects", str(t2i_max_objects)] if t2i_max_objects is not None else []),
     ])  # fmt: skip
     return out
 

@@ -73,9 +73,11 @@ def plot_curves(run_dirs: list[Path], out: Path, labels: list[str] | None = None
         names += [m for m in metrics_of(points) if m not in names]
     if not names:
         raise ValueError(f"no curve points in {[str(d) for d in run_dirs]} (train with --eval.curve_every N)")
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0 + 0.25 * len(runs)), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = {}
     for ax, name in zip(axes[0], names):
-        for label, points in runs:
+        for i, (label, points) in enumerate(runs):  # one colour per run in every panel
             pts = [p for p in points if name in p]
             if not pts:
                 continue
@@ -83,15 +85,16 @@ def plot_curves(run_dirs: list[Path], out: Path, labels: list[str] | None = None
             ys = [p[name]["accuracy"] for p in pts]
             lo = [p[name]["ci95"][0] for p in pts]
             hi = [p[name]["ci95"][1] for p in pts]
-            line = ax.plot(xs, ys, marker="o", ms=3, label=label)[0]
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+            colour = colours[i % len(colours)]
+            handles[label] = ax.plot(xs, ys, marker="o", ms=3, color=colour, label=label)[0]
+            ax.fill_between(xs, lo, hi, color=colour, alpha=0.12)
         ax.set_title(name)
         ax.set_xlabel(x.replace("_", " "))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("exact accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("exact accuracy (95% interval)")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 3), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(handles) - 1) // 3), 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

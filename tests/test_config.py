@@ -1,5 +1,6 @@
 """Run configs: YAML presets resolve into the frozen dataclasses; bad keys and values are named."""
 
+import re
 import json
 from pathlib import Path
 
@@ -128,3 +129,23 @@ def test_time_shift_reaches_the_objective_the_model_samples_with(objective):
     assert params["time_shift"] == 3.0
     model_config = MMGenConfig(objective=objective, objective_params=params)
     assert model_config.objective_config().time_shift == 3.0
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--run.log_every", "0"], "run.log_every must be >= 1"),
+    (["--run.checkpoint_every", "0"], "run.checkpoint_every must be >= 1"),
+    (["--optim.max_steps", "0"], "optim.max_steps must be >= 1"),
+    (["--optim.warmup_steps", "-1"], "optim.warmup_steps must be >= 0"),
+    (["--optim.lr", "-0.001"], "optim.lr must be > 0"),
+    (["--optim.ema_decay", "1"], "optim.ema_decay must be in [0, 1)"),
+    (["--eval.curve_num_steps", "[0]"], "eval.curve_num_steps must be step counts >= 1"),
+    (["--eval.curve_every", "-2"], "eval.curve_every must be >= 0"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs" / "default.yaml", override)
+
+
+def test_every_preset_is_in_range():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)

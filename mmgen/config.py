@@ -141,9 +141,8 @@ class OptimSection:
     ema_decay: float = 0.999
 
     def __post_init__(self):
-        _require("optim", self, lr=lambda v: v > 0, weight_decay=lambda v: v >= 0, beta1=lambda v: 0 <= v < 1,
-                 beta2=lambda v: 0 <= v < 1, warmup_steps=lambda v: v >= 0, max_steps=lambda v: v >= 1,
-                 grad_clip=lambda v: v > 0, grad_accum=lambda v: v >= 1, ema_decay=lambda v: 0 <= v < 1)
+        _require("optim", self, lr="> 0", weight_decay=">= 0", beta1="in [0, 1)", beta2="in [0, 1)",
+                 warmup_steps=">= 0", max_steps=">= 1", grad_clip="> 0", grad_accum=">= 1", ema_decay="in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,8 +164,8 @@ class RunSection:
     deepspeed_config: str | None = None  # set by presets that run under DeepSpeed
 
     def __post_init__(self):
-        _require("run", self, log_every=lambda v: v >= 1, checkpoint_every=lambda v: v >= 1,
-                 keep_last=lambda v: v >= 0, sample_every=lambda v: v >= 0, max_nonfinite_in_a_row=lambda v: v >= 1)
+        _require("run", self, log_every=">= 1", checkpoint_every=">= 1", keep_last=">= 0", sample_every=">= 0",
+                 max_nonfinite_in_a_row=">= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,23 +181,25 @@ class EvalSection:
     curve_num_steps: tuple[int, ...] = (4,)
 
     def __post_init__(self):
-        steps = lambda v: len(v) > 0 and all(k >= 1 for k in v)
-        _require("eval", self, num_steps=steps, curve_num_steps=steps, guidance=lambda v: v >= 0,
-                 num_samples=lambda v: v >= 1, curve_every=lambda v: v >= 0, curve_samples=lambda v: v >= 1)
+        _require("eval", self, num_steps="step counts >= 1", curve_num_steps="step counts >= 1", guidance=">= 0",
+                 num_samples=">= 1", curve_every=">= 0", curve_samples=">= 1")
 
 
-_EXPECTED = {"log_every": ">= 1", "checkpoint_every": ">= 1", "max_steps": ">= 1", "grad_accum": ">= 1",
-             "max_nonfinite_in_a_row": ">= 1", "num_samples": ">= 1", "curve_samples": ">= 1", "lr": "> 0",
-             "grad_clip": "> 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "ema_decay": "in [0, 1)",
-             "num_steps": "step counts >= 1", "curve_num_steps": "step counts >= 1"}
+_RANGES = {  # the ranges `_require` knows, by the words its error message uses
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: v > 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "step counts >= 1": lambda v: len(v) > 0 and all(k >= 1 for k in v),
+}
 
 
-def _require(section: str, obj, **checks) -> None:
-    """Raise a ConfigError naming `section.key` and the expected range for the first value that fails."""
-    for key, ok in checks.items():
+def _require(section: str, obj, **ranges: str) -> None:
+    """Raise a ConfigError naming `section.key` and its range (a key of `_RANGES`) for the first value outside it."""
+    for key, expected in ranges.items():
         value = getattr(obj, key)
-        if not ok(value):
-            raise ConfigError(f"{section}.{key} must be {_EXPECTED.get(key, '>= 0')}, got {value!r}")
+        if not _RANGES[expected](value):
+            raise ConfigError(f"{section}.{key} must be {expected}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

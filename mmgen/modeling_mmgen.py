@@ -317,9 +317,8 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("input_ids is required (image slots carry the <|image|> placeholder id)")
         if target_prefix is not None:
-            return self._target_forward(target_prefix, input_ids, position_ids, token_kind, document_ids,
-                                        image_ids, patch_ids, prefix_end, target_latents, target_t, target_s,
-                                        image_uncond)
+            return self._target_forward(target_prefix, input_ids, position_ids, token_kind, target_latents, target_t,
+                                        target_s, image_uncond)
         B, L = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -413,8 +412,8 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
             prefix.update(layer.keys.detach(), layer.values.detach(), i)
         return prefix
 
-    def _target_forward(self, prefix: TargetPrefix, input_ids, position_ids, token_kind, document_ids, image_ids,
-                        patch_ids, prefix_end, target_latents, target_t, target_s, image_uncond) -> MMGenOutput:
+    def _target_forward(self, prefix: TargetPrefix, input_ids, position_ids, token_kind, target_latents, target_t,
+                        target_s, image_uncond) -> MMGenOutput:
         """Target copies only: row b's Q_b target tokens mirror its IMAGE_NOISY tokens (same image, patch,
         position, prefix: the null context for images the student saw unconditionally) and run over `prefix`
         (its L + K keys) and themselves; the mask is the packed rule's rows for them on the row extended by the
@@ -426,7 +425,8 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
             image_uncond is not None and torch.equal(image_uncond.cpu(), prefix.image_uncond.cpu()))
         if not same_uncond:
             raise ValueError("target_prefix: image_uncond differs from the student pass's (its null contexts)")
-        token_kind, document_ids, image_ids, patch_ids, prefix_end = prefix.meta  # (B, L + K) each
+        # the student pass's metadata: the rows' columns and its null-context <|boi|>s, (B, L + K) each
+        token_kind, document_ids, image_ids, patch_ids, prefix_end = prefix.meta
         LK = token_kind.shape[1]
         if prefix.hidden.shape[:2] != (B, LK) or prefix.cache.get_seq_length() != LK or LK < L:
             raise ValueError(f"target_prefix was made for rows of shape {tuple(prefix.hidden.shape[:2])}, "

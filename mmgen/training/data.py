@@ -48,7 +48,8 @@ def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int,
             "tasks": list(tasks) or None, "max_objects": max_objects, "particles": particles,
             "t2i_max_objects": t2i_max_objects}  # fmt: skip
     if manifest.is_file():
-        have = {"max_objects": 4, "particles": 1, "t2i_max_objects": None, **json.loads(manifest.read_text()).get("config", {})}  # older manifests: 4
+        older = {"max_objects": 4, "particles": 1, "t2i_max_objects": None}  # what manifests without them meant
+        have = {**older, **json.loads(manifest.read_text()).get("config", {})}
         changed = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if not changed:
             return out

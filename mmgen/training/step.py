@@ -112,20 +112,16 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
     targets = noisy_image_ids(inputs).to(latents.device)
     num_targets = targets.shape[0]
 
-    def subset_net(x_in, t_in, s_in, cond):
-        full = lambda v: v.new_zeros((num_images, *v.shape[1:])).index_copy(0, targets, v)
-        return net(full(x_in), full(t_in), full(s_in), cond)[targets]
+    def full(v):  # (num_targets, ...) -> (num_images, ...), zeros for the images without noisy copies
+        return v.new_zeros((num_images, *v.shape[1:])).index_copy(0, targets.to(v.device), v)
 
-    def subset_drop(cond, mask):
-        return drop_condition(cond, torch.zeros(num_images, dtype=torch.bool, device=mask.device)
-                              .index_copy(0, targets.to(mask.device), mask))
+    def target_net(x_in, t_in, s_in, cond):
+        return net(full(x_in), full(t_in), full(s_in), cond)[targets]
 
     if num_targets >= (1 if group_by_condition else 2):
         extra = {"group_ids": condition_ids(inputs)} if group_by_condition else {}
-        everything = num_targets == num_images
-        image_loss, diag = loss_fn(net if everything else subset_net, latents[targets].float(), inputs,
-                                   generator=generator, drop_cond=drop_condition if everything else subset_drop,
-                                   **extra)
+        image_loss, diag = loss_fn(target_net, latents[targets].float(), inputs, generator=generator,
+                                   drop_cond=lambda cond, mask: drop_condition(cond, full(mask)), **extra)
         text = text_loss["value"]
     else:  # too few images for a particle group: text loss only (counted); the row's noisy copy is inert
         zeros = torch.zeros(num_images, device=device)

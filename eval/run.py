@@ -1,4 +1,4 @@
-"""Evaluate a model export: every suite of issue 7, one command, numbers + report + plots.
+"""Evaluate a model export: every evaluation suite, one command, numbers + report + plots.
 
     python eval/run.py --model runs/default/final [--steps 1,2,4,8] [--cfg 1.0,2.0] [--num-samples 20]
                        [--out runs/eval/default] [--quick]
@@ -19,6 +19,8 @@ Every accuracy has a 95% Wilson interval; seeds and sample counts are in results
 Generation and judging talk through files: OUT/runs/<suite>/.../{images/, metadata.jsonl, scores.jsonl};
 `python eval/judge.py OUT` re-judges them later. Writes OUT/results.json, OUT/report.md, OUT/*.png and
 OUT/config.json. `--quick` is the CI mode: a handful of samples per suite, seconds on a tiny model.
+A bad argument (a missing model directory, `--steps 0`, ...) is one line `error: ...` naming it, exit
+status 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import platform
 import sys
 import time
@@ -41,10 +44,12 @@ from judge import judge_all
 from shapeeval import generate_t2i_run, prompt_set, write_jsonl
 from understanding import generate_understanding_run, understanding_items
 
+from mmgen.cli import ArgumentParser, UsageError, check_model_source, run_cli
 from mmgen.data.shapes import Scene, render
 from mmgen.training.evaluate import TEST_SEED
 
 SPLITS = ("heldout", "train")
+SUITES = ("speed", "interleaved", "understanding")  # the ones --skip can leave out
 
 
 def setting_name(num_steps: int, guidance: float) -> str:
@@ -90,8 +95,21 @@ def write_reference(out: Path, n: int, resolution: int) -> None:
     write_jsonl(ref / "metadata.jsonl", rows)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_list(flag: str, text: str, kind, lo, what: str) -> list:
+    """`--steps 1,2,4` -> [1, 2, 4]; UsageError naming `flag` unless every item is a `kind` >= `lo`."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(math.isnan(v) or v < lo for v in values):
+        raise UsageError(f"{flag}: expected comma-separated {what} >= {lo}, got {text!r}")
+    return values
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[int], list[float], set[str]]:
+    """The command line, checked (UsageError naming the flag of any bad value): (args, step counts,
+    guidance scales, suites to skip)."""
+    p = ArgumentParser(prog="eval/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a save_pretrained export (model + processor)")
     p.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
     p.add_argument("--cfg", default="1.0", help="comma-separated guidance scales")
@@ -104,16 +122,35 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads on CPU (default 1: on the shared 2-core box two OpenMP threads spin "
                    "against other processes, see eval/bench_generation.py; 0 = torch's choice)")  # fmt: skip
-    p.add_argument("--skip", default="", help="comma-separated suites to skip: speed,interleaved,understanding")
+    p.add_argument("--skip", default="", help=f"comma-separated suites to skip: {','.join(SUITES)}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
+    steps = parse_list("--steps", args.steps, int, 1, "whole numbers")
+    scales = parse_list("--cfg", args.cfg, float, 0.0, "numbers")
+    for flag, value, lo in (("--num-samples", args.num_samples, 1), ("--batch-size", args.batch_size, 1),
+                            ("--threads", args.threads, 0)):  # fmt: skip
+        if value is not None and value < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {value}")
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - set(SUITES):
+        raise UsageError(f"--skip: unknown suite(s) {sorted(skip - set(SUITES))}; known: {list(SUITES)}")
+    check_model_source(args.model)
+    if not Path(args.model).is_dir():  # results hash the export's config.json: a local export only
+        raise UsageError(f"no such model directory: {args.model}")
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {args.device!r}: {err}") from None
+    return args, steps, scales, skip
+
+
+def main(argv=None) -> dict:
+    """Run every suite; returns the results (also written to OUT/results.json)."""
+    args, steps, scales, skip = parse_args(argv)
     if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
-    steps = [int(s) for s in args.steps.split(",")]
-    scales = [float(w) for w in args.cfg.split(",")]
-    skip = set(filter(None, args.skip.split(",")))
     model_dir = Path(args.model)
     out = Path(args.out or Path("runs/eval") / (model_dir.parent.name or model_dir.name))
-    out.mkdir(parents=True, exist_ok=True)
     counts = counts_for(args)
     timing: dict = {}
     t0 = time.perf_counter()
@@ -122,7 +159,17 @@ def main(argv=None) -> dict:
         timing[name] = round(time.perf_counter() - t0 - sum(timing.values()), 2)
         print(f"[eval] {name} done ({timing[name]:.1f} s)", flush=True)
 
-    model, processor = load(str(model_dir), args.device)
+    try:
+        model, processor = load(str(model_dir), args.device)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # not an mmgen export, or damaged
+        if args.debug:
+            raise
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:400]
+        raise UsageError(f"cannot load the model from {str(model_dir)!r}: {reason}") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create it ({err.strerror or err})") from None
     res = model.config.image_size
     tick("load")
 
@@ -186,4 +233,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

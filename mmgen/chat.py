@@ -4,13 +4,15 @@
     mmgen-chat --model DIR --prompt "Draw a red circle." --force-image --out out/   # one reply, then exit
     mmgen-chat --model DIR --web [--host 127.0.0.1 --port 7860]                       # browser UI
 
-Issue 6 §2/§3. `ChatSession` is the one piece both front-ends share: it keeps the conversation (messages
+`ChatSession` is the one piece both front-ends share: it keeps the conversation (messages
 with PIL images for the model, a JSON transcript with image paths for people), checks inputs, runs
 `mmgen.generation.generate_interleaved` and saves every generated image under the output folder as
 `turnNNN-imageK.png` (turn number, image number within the reply), so names are deterministic.
-Bad input (missing, unreadable or non-image files, over-long prompts, unknown commands, bad values)
-raises `ChatError` with a message for the user and never ends the session; Ctrl-C during a reply stops
-that reply (what was produced so far stays in the conversation) and keeps the session.
+Bad input (missing, unreadable, non-image or too large files, text that is not valid UTF-8, over-long
+prompts, unknown commands, bad values) raises `ChatError` with a message for the user and never ends
+the session; Ctrl-C during a reply stops that reply (what was produced so far stays in the
+conversation) and keeps the session. The command line reports a bad argument as one line `error: ...`
+with exit status 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mmgen.cli import ArgumentParser, UsageError, check_model_source, run_cli, text_problem
+
 DEFAULT_RUN_EXPORT = Path("runs/default/final")
+# The most pixels an attached image may have: any camera's photo fits; a decompression bomb (a few KB
+# of PNG that decode to gigabytes) does not. The model sees images at its own small resolution anyway.
+MAX_IMAGE_PIXELS = 8192 * 8192
 HELP = """\
 Type a message and press Enter. Commands:
   /image PATH       attach an image to your next message (repeat to attach several)
@@ -44,7 +52,7 @@ Type a message and press Enter. Commands:
   /quit             leave (or Ctrl-D). Ctrl-C stops a reply that is being generated."""
 
 
-class ChatError(ValueError):
+class ChatError(UsageError):
     """A problem with the user's input: shown to the user, the session goes on."""
 
 
@@ -88,26 +96,75 @@ class _Turn:
 
 
 def load_image(path: str | os.PathLike):
-    """Open an image file for attaching, fully decoded as RGB; ChatError names what is wrong."""
+    """Open an image file for attaching, fully decoded as RGB; ChatError names the file and what is wrong."""
     from PIL import Image, UnidentifiedImageError
 
-    p = Path(os.path.expanduser(str(path).strip().strip("'\"")))
     if not str(path).strip():
         raise ChatError("no image path given (usage: /image PATH)")
-    if not p.exists():
-        raise ChatError(f"cannot attach {str(p)!r}: no such file")
-    if p.is_dir():
-        raise ChatError(f"cannot attach {str(p)!r}: it is a directory, not an image file")
+    p = Path(os.path.expanduser(str(path).strip().strip("'\"")))
+    name = f"cannot attach {str(p)!r}"  # repr: undecodable bytes and control characters stay visible
     try:
-        with Image.open(p) as im:
-            im.load()
-            return im.convert("RGB")
+        exists, is_dir = p.exists(), p.is_dir()
+    except (OSError, ValueError) as e:  # an embedded NUL, a name too long
+        raise ChatError(f"{name}: not a usable path ({e})") from None
+    if not exists:
+        raise ChatError(f"{name}: no such file")
+    if is_dir:
+        raise ChatError(f"{name}: it is a directory, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            with Image.open(p) as im:
+                _check_pixels(name, im.size)
+                im.load()
+                return im.convert("RGB")
+    except ChatError:
+        raise
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit: refused before we see the size
+        size = _declared_size(p)
+        if size is not None:
+            _check_pixels(name, size)
+        raise ChatError(f"{name}: image too large ({e})") from None
     except PermissionError:
-        raise ChatError(f"cannot attach {str(p)!r}: permission denied") from None
+        raise ChatError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
-        raise ChatError(f"cannot attach {str(p)!r}: not an image file (PIL cannot identify it)") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt image data
-        raise ChatError(f"cannot attach {str(p)!r}: unreadable image ({e})") from None
+        raise ChatError(f"{name}: not an image file (PIL cannot identify it)") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:  # truncated or corrupt image data
+        raise ChatError(f"{name}: unreadable image ({e})") from None
+
+
+def _check_pixels(name: str, size: tuple[int, int]) -> None:
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ChatError(f"{name}: image too large: {w} x {h} pixels, limit {MAX_IMAGE_PIXELS} pixels")
+
+
+def _declared_size(path: Path) -> tuple[int, int] | None:
+    """(W, H) from the header of an image that `Image.open` refused as a decompression bomb: the format
+    plugins `Image.open` tries, without its size check (nothing is decoded)."""
+    from PIL import Image
+
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for factory, accept in list(Image.OPEN.values()):
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, str(path)).size
+            except Exception:  # noqa: BLE001  not this format: try the next, as Image.open does
+                fp.seek(0)
+    return None
+
+
+def check_text(text: str, what: str = "message") -> str:
+    """`text`, or ChatError saying why it cannot be sent to the model."""
+    problem = text_problem(text)
+    if problem:
+        raise ChatError(f"the {what} is {problem}; nothing was sent")
+    return text
 
 
 def _parse_number(name: str, text: str, kind, lo=None, hi=None):
@@ -198,7 +255,7 @@ class ChatSession:
         when the reply ends, and also when it is interrupted (KeyboardInterrupt, or closing the
         iterator): the partial reply stays, with finish_reason "interrupted".
         """
-        text = text.strip()
+        text = check_text(text.strip())
         if not text and not self.attachments:
             raise ChatError("empty message")
         user_parts = [{"type": "image", "image": im} for im, _ in self.attachments]
@@ -242,9 +299,12 @@ class ChatSession:
             self.transcript += [{"role": "user", "content": user_record}, entry]
 
     def _save_image(self, image, turn: int, k: int) -> str:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"turn{turn:03d}-image{k}.png"
-        image.save(path)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        except OSError as e:
+            raise ChatError(f"cannot save the image {str(path)!r}: {e.strerror or e}") from None
         self.images.append(str(path))
         return str(path)
 
@@ -302,10 +362,12 @@ class Terminal:
 
     MMGEN_CHAT_DELAY_S (seconds, default 0) pauses after each streamed piece: slow enough to watch a
     tiny model stream, and what the tests use to press Ctrl-C reliably in the middle of a reply.
+    No single input ends the session: a `ChatError` is shown as `error: ...`, and so is any other
+    exception (a bug; `debug` adds its traceback).
     """
 
-    def __init__(self, session: ChatSession, *, out=None, inline: str | None = None):
-        self.session, self.out, self.inline = session, out or sys.stdout, inline
+    def __init__(self, session: ChatSession, *, out=None, inline: str | None = None, debug: bool = False):
+        self.session, self.out, self.inline, self.debug = session, out or sys.stdout, inline, debug
         self.delay = float(os.environ.get("MMGEN_CHAT_DELAY_S", "0") or 0)
         self._midline = False  # text was written since the last newline
 
@@ -389,11 +451,22 @@ class Terminal:
             except KeyboardInterrupt:
                 self.say("\n(Ctrl-C: type /quit or press Ctrl-D to leave)")
                 continue
+            except UnicodeDecodeError as e:  # a stream that does not escape undecodable bytes
+                self.say(f"error: the line is not valid UTF-8 text ({e.reason}); nothing was sent")
+                continue
             try:
                 if not self.handle(line):
                     break
             except ChatError as e:
                 self.say(f"error: {e}")
+            except KeyboardInterrupt:  # Ctrl-C during a command (a reply handles its own)
+                self.say("[interrupted; the session goes on]")
+            except Exception as e:  # noqa: BLE001  a bug must not end the conversation either
+                if self.debug:
+                    import traceback
+
+                    traceback.print_exc()
+                self.say(f"error: unexpected {type(e).__name__}: {e} (the session goes on)")
         self.say("bye")
 
 
@@ -431,7 +504,7 @@ def load_model(name: str, device: str | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmgen-chat", description="Chat with an mmgen model (text and images).")
+    p = ArgumentParser(prog="mmgen-chat", description="Chat with an mmgen model (text and images).")
     p.add_argument("--model", help=f"model directory or Hub id (default: the export at {DEFAULT_RUN_EXPORT})")
     p.add_argument("--out", help="folder for generated images (default runs/chat/<timestamp>)")
     p.add_argument("--prompt", help="non-interactive: send this one message, print the reply, exit")
@@ -447,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web", action="store_true", help="launch the browser UI (Gradio) instead")
     p.add_argument("--host", default="127.0.0.1", help="--web: address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="--web: port (default 7860)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -456,10 +530,39 @@ def _settings_from(args) -> Settings:
     session.settings = s
     for name, value in (("steps", args.steps), ("cfg", args.cfg), ("seed", args.seed),
                         ("temperature", args.temperature)):  # fmt: skip
-        session.set(name, str(value))
+        try:
+            session.set(name, str(value))
+        except ChatError as e:
+            raise ChatError(f"--{str(e).removeprefix('/')}") from None  # "/steps must be ..." -> "--steps ..."
     if s.max_new_tokens < 1:
         raise ChatError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
+    if not 0 < args.port < 65536:
+        raise ChatError(f"--port must be between 1 and 65535, got {args.port}")
     return s
+
+
+def _check_out(out: Path) -> None:
+    """UsageError unless generated images can be written under `out` (checked before the model loads)."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if existing == out and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if existing != out and not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {existing} is not writable")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device!r}: {e}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
 
 
 def _one_shot(session: ChatSession, args, say) -> int:
@@ -471,44 +574,53 @@ def _one_shot(session: ChatSession, args, say) -> int:
 
 
 def main(argv=None) -> int:
+    """`mmgen-chat`: exit status 0, 2 for a bad argument (one line `error: ...`), 130 after Ctrl-C."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # status lines; the reply goes to stdout
-    try:
-        settings = _settings_from(args)
-    except ChatError as e:
-        say(f"error: {e}")
-        return 2
+    # Undecodable bytes typed at the prompt arrive as escapes (and are refused with a message) instead of
+    # raising inside input(); what is printed back never fails on them either.
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "backslashreplace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+    settings = _settings_from(args)
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
     for path in args.image if args.prompt is not None else []:
-        try:
-            load_image(path)  # a bad --image fails before the model is loaded
-        except ChatError as e:
-            say(f"error: {e}")
-            return 2
+        load_image(path)  # a bad --image fails before the model is loaded
+    out = Path(args.out) if args.out else Path("runs/chat") / time.strftime("%Y%m%d-%H%M%S")
+    _check_out(out)
     name = resolve_model(args.model, say)
     if name is None:
         return 2
+    check_model_source(name)
+    _check_device(args.device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars in the chat
     try:
         model, processor = load_model(name, args.device)
-    except Exception as e:  # noqa: BLE001  any loading failure is reported, not a traceback
-        say(f"error: cannot load the model from {name!r}: {type(e).__name__}: {e}")
-        return 2
-    out = Path(args.out) if args.out else Path("runs/chat") / time.strftime("%Y%m%d-%H%M%S")
+    except Exception as e:  # any loading failure is reported, not a traceback
+        if args.debug:
+            raise
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UsageError(f"cannot load the model from {name!r}: {reason}") from None
     session = ChatSession(model, processor, out_dir=out, settings=settings, model_name=name)
     if args.web:
         from mmgen.chat_web import launch
 
-        launch(session, host=args.host, port=args.port)
+        try:
+            launch(session, host=args.host, port=args.port)
+        except OSError as e:  # the port is taken, the address is not this machine's
+            raise UsageError(f"--host/--port: cannot serve on {args.host}:{args.port} ({e})") from None
         return 0
     if args.prompt is not None:
         try:
             return _one_shot(session, args, say)
-        except ChatError as e:
-            say(f"error: {e}")
-            return 2
         except KeyboardInterrupt:
             say("interrupted")
             return 130
@@ -518,7 +630,7 @@ def main(argv=None) -> int:
         import readline  # noqa: F401  line editing and history for input()
     except ImportError:
         pass
-    Terminal(session, inline=inline).run()
+    Terminal(session, inline=inline, debug=args.debug).run()
     return 0
 
 

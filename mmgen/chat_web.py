@@ -1,4 +1,4 @@
-"""The browser chat (`mmgen-chat --web`, issue 6 §3): a Gradio app around `mmgen.chat.ChatSession`.
+"""The browser chat (`mmgen-chat --web`): a Gradio app around `mmgen.chat.ChatSession`.
 
 Layout: a chat box (streaming text, generated images inline), a multimodal input (text + image upload),
 a settings panel (steps, guidance, seed, temperature, "start the reply with an image"), and a gallery of
@@ -53,8 +53,8 @@ def respond(message, history, steps, guidance, seed, temperature, force_image, s
 
     message: {"text": str, "files": [paths]} from the multimodal box; history: Gradio messages
     ({"role", "content"}; content is text or {"path": ...} for an image). Problems with the input
-    (a bad setting, a non-image upload, an over-long prompt) become an assistant message starting
-    with "Error:" and the conversation goes on.
+    (a bad setting, a non-image or too large upload, an over-long prompt) and a reply that cannot be
+    saved become an assistant message "Error: ..." (the terminal's message) and the conversation goes on.
     """
     session = session or new_session()
     history = list(history or [])
@@ -80,19 +80,29 @@ def respond(message, history, steps, guidance, seed, temperature, force_image, s
         return
     history += shown
     yield _EMPTY_INPUT, history, gallery_items(session), session
-    for ev in events:
-        if ev.kind == "text":
-            last = history[-1]
-            if last["role"] == "assistant" and isinstance(last["content"], str):
-                history[-1] = {"role": "assistant", "content": last["content"] + ev.value}
-            else:
-                history.append({"role": "assistant", "content": ev.value})
-        elif ev.kind == "image":
-            history.append({"role": "assistant", "content": {"path": ev.value}})
-        elif ev.value == "length":
-            note = f"(reply cut at max_new_tokens={session.settings.max_new_tokens})"
-            history.append({"role": "assistant", "content": note})
+    try:
+        for ev in events:
+            history = _show(ev, history, session)
+            yield _EMPTY_INPUT, history, gallery_items(session), session
+    except ChatError as e:  # e.g. the output folder cannot be written
+        history.append({"role": "assistant", "content": f"Error: {e}"})
         yield _EMPTY_INPUT, history, gallery_items(session), session
+
+
+def _show(ev, history: list, session: ChatSession) -> list:
+    """`history` with one reply event added: text joins the assistant's last text message."""
+    if ev.kind == "text":
+        last = history[-1]
+        if last["role"] == "assistant" and isinstance(last["content"], str):
+            history[-1] = {"role": "assistant", "content": last["content"] + ev.value}
+        else:
+            history.append({"role": "assistant", "content": ev.value})
+    elif ev.kind == "image":
+        history.append({"role": "assistant", "content": {"path": ev.value}})
+    elif ev.value == "length":
+        note = f"(reply cut at max_new_tokens={session.settings.max_new_tokens})"
+        history.append({"role": "assistant", "content": note})
+    return history
 
 
 def reset(session):

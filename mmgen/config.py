@@ -2,7 +2,18 @@
 
 YAML files in `configs/` only set leaves of these dataclasses (torchtitan-style); an unknown key is
 an error that names it. Command-line overrides use dotted paths: `--optim.lr 3e-4` or
-`--optim.lr=3e-4`. The resolved config is written as JSON beside every run and checkpoint.
+`--optim.lr=3e-4`. The resolved config is written as JSON beside every run and checkpoint. Every
+problem is a `ConfigError` naming the key and where it came from: the YAML file, or the command-line
+override.
+
+Relative paths. Settings that name something the run reads and that must exist (`INPUT_PATHS`:
+model.tokenizer, model.vae, model.init_from, model.init_text_model, run.deepspeed_config; and the
+`--config` file of training/train.py) are looked up in the working directory first and, when nothing
+is there, in the repository root, where the shipped assets (tokenizers/, configs/) and the default
+run's outputs live; a path found in neither is kept as given (a Hub id, a stage-1 VAE still to be
+trained, or an error that names the setting). What the run writes (run.output_dir, data.shapes_dir),
+data.shards (a shard pattern) and run.resume are always relative to the working directory. So
+`training/train.py` with no arguments works from any directory and writes under `./runs/` there.
 """
 
 from __future__ import annotations
@@ -17,6 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from mmgen.cli import UsageError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# (section, key) of the settings that name an existing file or directory: the relative-path rule above
+INPUT_PATHS = (("model", "tokenizer"), ("model", "vae"), ("model", "init_from"), ("model", "init_text_model"),
+               ("run", "deepspeed_config"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +89,6 @@ class DataSection:
     # "all": text loss on every text token, every image a generation target; "assistant": only what the
     # assistant writes (its text, and no noisy copies for images inside user turns)
     loss_on: Literal["all", "assistant"] = "all"
-    shuffle_buffer: int = 1000
     # source=shapes: document kinds and their mix, NAME or NAME=WEIGHT (t2i, caption, vqa, multiturn);
     # () = all four with mmgen.data.shapes_docs.TASK_WEIGHTS
     tasks: tuple[str, ...] = ()
@@ -212,8 +229,8 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-class ConfigError(ValueError):
-    """A config file or override does not fit the dataclasses; the message names the key."""
+class ConfigError(UsageError):
+    """A config file or override does not fit the dataclasses; the message names the key and its source."""
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -318,9 +335,27 @@ def parse_overrides(argv: Sequence[str]) -> dict:
             i += 1
         if "." not in key:
             raise ConfigError(f"override --{key}: use --section.key (sections: {[f.name for f in dataclasses.fields(Config)]})")
-        _set_dotted(tree, key.replace("-", "_"), yaml.safe_load(value) if value != "" else value)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else value
+        except yaml.YAMLError as err:
+            raise ConfigError(f"command-line override --{key}: cannot read the value {value!r} "
+                              f"({str(err).splitlines()[0]})") from None
+        _set_dotted(tree, key.replace("-", "_"), parsed)
         i += 1
     return tree
+
+
+def _unknown_key(cls: type, values: dict, prefix: str = "") -> tuple[str, list[str]] | None:
+    """(dotted key, known names at its level) of the first key of `values` that `cls` does not have."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            return f"{prefix}{key}", sorted(hints)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found = _unknown_key(hints[key], value, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -334,24 +369,78 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Resolve a YAML file (optional) plus dotted overrides into a frozen `Config`."""
+    """Resolve a YAML file (optional) plus dotted overrides into a frozen `Config`, with relative input
+    paths resolved by the rule of the module docstring."""
     raw: dict = {}
+    where = ""
     if path is not None:
         path = Path(path)
+        where = f"{path}: "
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path}: cannot read it ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    raw = _merge(raw, parse_overrides(overrides))
+    tree = parse_overrides(overrides)
+    unknown = _unknown_key(Config, tree)
+    if unknown:
+        key, known = unknown
+        raise ConfigError(f"command-line override --{key}: unknown config key {key} (known: {known})")
     try:
-        return _build(Config, raw)
+        config = _build(Config, _merge(raw, tree))
     except ConfigError as err:
-        where = f"{path}: " if path is not None else ""
+        if tree and _builds(raw):  # the file alone is fine: an override (or its combination with the file)
+            raise ConfigError(_from_overrides(str(err), tree)) from None
         raise ConfigError(f"{where}{err}") from None
+    return resolve_paths(config)
+
+
+def _builds(raw: dict) -> bool:
+    try:
+        _build(Config, raw)
+    except ConfigError:
+        return False
+    return True
+
+
+def _from_overrides(message: str, tree: dict) -> str:
+    """`message` attributed to the one override it names, else to the command-line overrides."""
+    def dotted(node: dict, prefix: str = "") -> list[str]:
+        return [k for key, v in node.items()
+                for k in (dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+    named = [key for key in dotted(tree) if key in message]
+    if len(named) == 1:
+        return f"command-line override --{named[0]}: {message.removeprefix(f'{named[0]}: ')}"
+    return f"command-line overrides: {message}"
+
+
+def resolve_input_path(value: str | None, root: Path = REPO_ROOT) -> str | None:
+    """`value` as given when it is absolute, exists from the working directory or is not under `root`
+    either; else its path under `root` (the rule of the module docstring)."""
+    if not value:
+        return value
+    path = Path(value)
+    if path.is_absolute() or path.exists() or not (root / path).exists():
+        return value
+    return str(root / path)
+
+
+def resolve_paths(config: Config, root: Path = REPO_ROOT) -> Config:
+    """`config` with every setting of `INPUT_PATHS` passed through `resolve_input_path`."""
+    sections: dict[str, dict] = {}
+    for section, key in INPUT_PATHS:
+        value = getattr(getattr(config, section), key)
+        resolved = resolve_input_path(value, root)
+        if resolved != value:
+            sections.setdefault(section, {})[key] = resolved
+    return dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **changes)
+                                          for name, changes in sections.items()})
 
 
 def config_to_dict(config: Any) -> dict:

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
+from mmgen.cli import text_problem
 from mmgen.masks import TokenKind, to_additive
 from mmgen.sampling import initial_noise, sample
 
@@ -662,6 +663,10 @@ def generate_images_for_prompts(
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    for i, prompt in enumerate(prompts):  # refused before any work, naming the prompt
+        problem = text_problem(prompt) if isinstance(prompt, str) else f"a {type(prompt).__name__}, not text"
+        if problem:
+            raise ValueError(f"prompt {i} {prompt!r:.60}: {problem}")
     images, latents = [], []
     for chunk in _chunks(len(prompts), batch_size):
         batch = collate_prompts(model, processor, [t2i_prompt(prompts[i]) for i in chunk], append_boi=True)

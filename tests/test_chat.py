@@ -1,8 +1,9 @@
-"""The chat front-ends (issue 6 §2, §3): the terminal REPL end to end in a real pseudo-terminal, the
-non-interactive mode, the session logic, and the Gradio app in a real headless Chromium."""
+"""The chat front-ends: the terminal REPL end to end in a real pseudo-terminal, the non-interactive mode,
+the session logic, and the Gradio app in a real headless Chromium."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,7 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgen.chat import ChatError, ChatSession, Settings, inline_image_protocol, inline_image_sequence
+from mmgen.chat import (
+    MAX_IMAGE_PIXELS,
+    ChatError,
+    ChatSession,
+    Settings,
+    Terminal,
+    inline_image_protocol,
+    inline_image_sequence,
+    load_image,
+)
 from mmgen.configuration_mmgen import TINY_LLAMA_KWARGS, MMGenConfig
 from mmgen.generation import TextDelta, generate_interleaved
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
@@ -56,7 +66,22 @@ def files(tmp_path_factory):
     im.save(good)
     (d / "notes.txt").write_text("not an image\n")
     (d / "broken.png").write_bytes(good.read_bytes()[:60])  # a PNG header, then nothing
-    return {"good": good, "text": d / "notes.txt", "broken": d / "broken.png", "dir": d}
+    _bomb_png(d / "bomb.png", 20000)
+    return {"good": good, "text": d / "notes.txt", "broken": d / "broken.png", "dir": d, "bomb": d / "bomb.png"}
+
+
+def _bomb_png(path: Path, side: int) -> None:
+    """A valid 1-bit PNG of side x side black pixels: ~60 KB on disk, 1.2 GB decoded as RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row, z = b"\0" * (1 + (side + 7) // 8), zlib.compressobj(9)  # filter byte + packed bits
+    pixels = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 
 def _expected_reply(model, processor, prompt: str) -> str:
@@ -85,7 +110,8 @@ def test_repl_end_to_end_in_a_pseudo_terminal(tiny, files, tmp_path):
     child = pexpect.spawn(
         sys.executable, ["-m", "mmgen.chat", "--model", str(path), "--out", str(out), "--max-new-tokens",
                          str(MAX_NEW)],
-        cwd=tmp_path, env=_env(MMGEN_CHAT_DELAY_S="0.25"), encoding="utf-8", timeout=60, dimensions=(50, 4000),
+        cwd=tmp_path, env=_env(MMGEN_CHAT_DELAY_S="0.25"), encoding="utf-8", codec_errors="replace", timeout=60,
+        dimensions=(50, 4000),
     )  # fmt: skip
     try:
         child.expect_exact("you> ")
@@ -115,6 +141,7 @@ def test_repl_end_to_end_in_a_pseudo_terminal(tiny, files, tmp_path):
             f"/image {files['text']}": "not an image file",
             f"/image {files['broken']}": "unreadable image",
             f"/image {files['dir']}": "is a directory",
+            f"/image {files['bomb']}": f"bomb.png': image too large: 20000 x 20000 pixels, limit {MAX_IMAGE_PIXELS}",
             "/image": "no image path given",
             "/steps many": "/steps needs a whole number, got 'many'",
             "/steps 0": "/steps must be between 1 and 64, got 0",
@@ -130,6 +157,9 @@ def test_repl_end_to_end_in_a_pseudo_terminal(tiny, files, tmp_path):
         }
         for line, message in bad.items():
             _command(child, line, message)
+        os.write(child.child_fd, b"Draw a \xff\xfe circle.\n")  # bytes that are not UTF-8, as a terminal sends them
+        child.expect_exact("error: the message is not valid UTF-8 text (byte 0xff at character 7")
+        child.expect_exact("you> ")
 
         # Settings and help.
         assert "steps=2" in _command(child, "/steps 2", "steps=2 cfg=1 seed=0")
@@ -221,9 +251,66 @@ def test_without_a_model_it_uses_the_default_export_and_says_so(tiny, tmp_path):
 
 
 def test_unloadable_model_is_reported_without_a_traceback(tmp_path):
-    run = _run(["--model", str(tmp_path / "nowhere"), "--prompt", "hi"], tmp_path)
+    (tmp_path / "empty").mkdir()
+    run = _run(["--model", str(tmp_path / "empty"), "--prompt", "hi"], tmp_path)
     assert run.returncode == 2
     assert "error: cannot load the model from" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("model, offline", [("nope/dir", "1"), ("nope/dir/x", "0"), ("./nope", "0")])
+def test_a_missing_model_directory_is_named_not_taken_for_a_hub_id(tmp_path, model, offline):
+    """A path that cannot be a Hub id (or any path while the Hub is offline) is a missing directory."""
+    run = _run(["--model", model, "--prompt", "hi"], tmp_path, HF_HUB_OFFLINE=offline, TRANSFORMERS_OFFLINE=offline)
+    assert run.returncode == 2 and run.stderr == f"error: no such model directory: {model}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "error: --steps must be between 1 and 64, got 0"),
+    (["--prompt", "Draw a \udcff circle."], "error: the --prompt is not valid UTF-8 text (byte 0xff at character 7"),
+    (["--prompt", "hi", "--image", "BOMB"], "image too large: 20000 x 20000 pixels"),
+    (["--prompt", "hi", "--out", "NOTES"], "is not a directory"),
+    (["--device", "toaster"], "error: --device 'toaster'"),
+    (["--stepz", "2"], "error: unrecognized arguments: --stepz 2 (see mmgen-chat --help)"),
+])  # fmt: skip
+def test_bad_arguments_are_one_line_errors_with_status_2(tiny, files, tmp_path, args, message):
+    """Each is refused before the model loads (the non-UTF-8 prompt arrives as surrogate-escaped bytes)."""
+    args = [{"BOMB": str(files["bomb"]), "NOTES": str(files["text"])}.get(a, a) for a in args]
+    run = _run(["--model", str(tiny[0]), *args], tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(files):
+    with pytest.raises(ChatError) as err:
+        load_image(files["bomb"])
+    assert str(err.value) == (f"cannot attach {str(files['bomb'])!r}: image too large: 20000 x 20000 pixels, "
+                              f"limit {MAX_IMAGE_PIXELS} pixels")  # fmt: skip
+
+
+def test_a_session_survives_undecodable_text_and_unexpected_errors(tiny, tmp_path):
+    session = ChatSession(tiny[1], tiny[2], out_dir=tmp_path)
+    with pytest.raises(ChatError, match=r"not valid UTF-8 text \(byte 0xff at character 3"):
+        session.reply("hi \udcff")
+    assert session.transcript == [] and session.turn == 0
+
+    def boom(arg):
+        raise TypeError("a bug")
+
+    session.attach = boom
+    lines = iter(["hi \udcff", "/image x.png", "/settings"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D
+
+    out = io.StringIO()
+    Terminal(session, out=out).run(read=read)
+    shown = out.getvalue().splitlines()
+    assert "error: the message is not valid UTF-8 text (byte 0xff at character 3" in shown[1]
+    assert shown[2] == "error: unexpected TypeError: a bug (the session goes on)"
+    assert shown[3].startswith("steps=4") and shown[-1] == "bye"
 
 
 # ------------------------------------------------------------------------------------------ the session
@@ -295,6 +382,12 @@ def test_web_respond_streams_text_and_images_into_history_and_gallery(tiny, file
                                          False, session, new_session=new_session)  # fmt: skip
     assert same is session and history2[-1]["content"].startswith("Error: cannot attach")
     assert session.attachments == [] and len(session.transcript) == 2
+    *_, (_, bombed, _, _) = respond({"text": "hi", "files": [str(files["bomb"])]}, history2, 2, 1, 3, 0, False,
+                                    session, new_session=new_session)  # fmt: skip
+    with pytest.raises(ChatError) as terminal_message:
+        load_image(files["bomb"])
+    assert bombed[-1]["content"] == f"Error: {terminal_message.value}"  # the terminal's message, word for word
+    assert "image too large: 20000 x 20000 pixels" in bombed[-1]["content"] and len(session.transcript) == 2
     *_, (_, history3, _, _) = respond({"text": "x " * 300, "files": []}, history2, 2, 1, 3, 0, False, session,
                                       new_session=new_session)  # fmt: skip
     assert "the model's context is 256 tokens (max_position_embeddings)" in history3[-1]["content"]

@@ -1,7 +1,7 @@
 """Run configs: YAML presets resolve into the frozen dataclasses; bad keys and values are named."""
 
-import re
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +149,46 @@ def test_out_of_range_values_are_refused_naming_the_key(override, message):
 def test_every_preset_is_in_range():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_a_removed_key_is_an_unknown_key(tmp_path):
+    """data.shuffle_buffer was accepted and never used; an old config that sets it is told so."""
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  shuffle_buffer: 1000\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{old}: unknown config key data.shuffle_buffer")):
+        load_config(old)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.hiden_size", "3"], "command-line override --model.hiden_size: unknown config key model.hiden_size"),
+    (["--optim.max_steps", "ten"], "command-line override --optim.max_steps: expected int, got 'ten'"),
+    (["--optim.lr=-1"], "command-line override --optim.lr: optim.lr must be > 0, got -1.0"),
+    (["--optim.lr", "[1,"], "command-line override --optim.lr: cannot read the value '[1,'"),
+])  # fmt: skip
+def test_a_bad_override_is_named_as_the_command_line_not_the_file(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "default.yaml", override)
+    assert str(err.value).startswith(message) and "default.yaml" not in str(err.value)
+
+
+def test_a_bad_value_in_the_file_is_named_as_the_file_even_with_overrides(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  max_steps: 0\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: optim.max_steps must be >= 1")):
+        load_config(bad, ["--optim.lr", "0.1"])
+    assert load_config(bad, ["--optim.max_steps", "5"]).optim.max_steps == 5  # an override may fix the file
+
+
+def test_relative_input_paths_are_found_from_any_directory(tmp_path, monkeypatch):
+    """The rule of mmgen/config.py: a relative input path is looked up in the working directory, then in
+    the repository; outputs stay relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(ROOT / "configs" / "default.yaml")
+    assert config.model.tokenizer == str(ROOT / "tokenizers" / "shapes")
+    assert (config.run.output_dir, config.data.shapes_dir) == ("runs", "runs/data/shapes-train")
+    zero2 = load_config(ROOT / "configs" / "multigpu_zero2.yaml")
+    assert zero2.run.deepspeed_config == str(ROOT / "configs" / "deepspeed" / "zero2.json")
+    assert zero2.model.init_text_model == "HuggingFaceTB/SmolLM2-360M"  # in neither place: kept (a Hub id)
+    (tmp_path / "tokenizers" / "shapes").mkdir(parents=True)  # one of the working directory's own wins
+    assert load_config(ROOT / "configs" / "default.yaml").model.tokenizer == "tokenizers/shapes"
+    assert load_config(None, ["--model.tokenizer", "/abs/tok"]).model.tokenizer == "/abs/tok"

@@ -1,9 +1,10 @@
-"""Specifications of the evaluation suite (eval/run.py and its modules, issue 7)."""
+"""Specifications of the evaluation suite (eval/run.py and its modules)."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -93,6 +94,34 @@ def test_plot_nfe_reads_two_result_dirs(quick_run, tmp_path):
     assert (tmp_path / "nfe.png").is_file()
     (curve,) = next(iter(data.values())).values()
     assert [point[0] for point in curve] == [1, 2]  # NFE = num_steps without guidance
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope/dir"], "no such model directory: nope/dir"),
+    (["--model", "EMPTY"], "cannot load the model from"),
+    (["--model", "MODEL", "--steps", "0"], "--steps: expected comma-separated whole numbers >= 1, got '0'"),
+    (["--model", "MODEL", "--steps", "2,x"], "--steps: expected comma-separated whole numbers >= 1, got '2,x'"),
+    (["--model", "MODEL", "--cfg", "-1"], "--cfg: expected comma-separated numbers >= 0.0, got '-1'"),
+    (["--model", "MODEL", "--skip", "speeed"], "--skip: unknown suite(s) ['speeed']"),
+    (["--model", "MODEL", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])  # fmt: skip
+def test_bad_arguments_are_named_before_any_output(tiny_export, tmp_path, args, message):
+    from mmgen.cli import UsageError
+
+    (tmp_path / "empty").mkdir()
+    args = [{"MODEL": str(tiny_export), "EMPTY": str(tmp_path / "empty")}.get(a, a) for a in args]
+    with pytest.raises(UsageError, match=re.escape(message)):
+        run.main([*args, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_prints_one_line_and_exits_2(tiny_export, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "eval" / "run.py"), "--model", str(tiny_export), "--steps", "0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --steps: expected comma-separated whole numbers >= 1, got '0'\n"
 
 
 # ------------------------------------------------------------------------------------------- ShapeFD / KID

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ROOT, TINY, launch, losses, make_tiny_vae
+from train_helpers import ROOT, TINY, launch, load_script, losses, make_tiny_vae
 
 GOLDEN = ROOT / "tests" / "data" / "golden_losses.json"
 
@@ -78,8 +78,10 @@ def test_sigkill_mid_run_then_resume_ends_with_identical_weights(inputs, tmp_pat
     straight = {r["step"]: r["loss"] for r in losses(tmp_path / "straight")}
     after = {r["step"]: r["loss"] for r in losses(tmp_path / "killed")}
     assert after[6] == straight[6]
-    # the learning curve: the point logged before the kill (step 3) is logged again after the resume from step
-    # 2, and the images/tokens seen come back with the checkpoint, so both runs' curves agree
+    # step 5 was logged before the kill and again after the resume from step 4: the log holds it once
+    assert [r["step"] for r in losses(tmp_path / "killed")] == [1, 2, 3, 4, 5, 6]
+    # the learning curve: the point logged before the kill (step 3) is kept, and the images/tokens seen come
+    # back with the checkpoint, so both runs' curves agree
     from mmgen.training.curves import read_curve
 
     keys = ("step", "images_seen", "image_targets_seen", "tokens_seen")
@@ -89,6 +91,60 @@ def test_sigkill_mid_run_then_resume_ends_with_identical_weights(inputs, tmp_pat
     point = read_curve(tmp_path / "straight")[0]
     assert {"single@1", "two@1", "caption"} <= point.keys() and point["single@1"]["n"] == 2
     assert (tmp_path / "straight" / "curve.png").is_file()
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(inputs, tmp_path):
+    """A truncated file in the newest checkpoint: the resume warns naming it, loads the one before, and the
+    metrics log ends with each step once."""
+    launch([*common(inputs, tmp_path), "--optim.max_steps", "4"])
+    damaged = tmp_path / "t" / "checkpoints" / "step-00000004"
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    resumed = launch([*common(inputs, tmp_path), "--optim.max_steps", "6"])
+    assert f"warning: checkpoint {damaged} is damaged: model.safetensors is 1000 bytes" in resumed.stderr
+    assert f"resumed from {tmp_path / 't' / 'checkpoints' / 'step-00000002'} at step 2" in resumed.stdout
+    assert [r["step"] for r in losses(tmp_path / "t")] == [1, 2, 3, 4, 5, 6]
+    assert _intact(damaged)  # rewritten whole at step 4 of the resumed run
+
+
+def _intact(path: Path) -> bool:
+    from mmgen.training.checkpointing import verify_checkpoint
+
+    return (path / "manifest.json").is_file() and verify_checkpoint(path) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.hiden_size", "3"], "error: command-line override --model.hiden_size: unknown config key"),
+    (["--optim.max_steps", "0"], "error: command-line override --optim.max_steps: optim.max_steps must be >= 1"),
+    (["--config", "nope.yaml"], "error: config file nope.yaml does not exist"),
+    (["--model.tokenizer", "nope/tok"], "error: model.tokenizer: nope/tok: no tokenizer.json"),
+])  # fmt: skip
+def test_configuration_errors_are_one_line_with_status_2(tmp_path, args, message):
+    """From outside the repository too; --debug shows the traceback instead."""
+    import subprocess
+    import sys
+
+    from train_helpers import env
+
+    cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--run.output_dir", str(tmp_path), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    if args[0] == "--optim.max_steps":
+        debug = subprocess.run([*cmd, "--debug"], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                               timeout=300, check=False)  # fmt: skip
+        assert "Traceback" in debug.stderr and "ConfigError: command-line override" in debug.stderr
+
+
+def test_the_default_config_finds_the_repositorys_tokenizer_from_another_directory(tmp_path, monkeypatch):
+    from mmgen.training.build import build_tokenizer
+
+    train = load_script("training/train.py")
+    monkeypatch.chdir(tmp_path)
+    cfg = train.parse_args([])
+    assert cfg.model.tokenizer == str(ROOT / "tokenizers" / "shapes") and cfg.run.output_dir == "runs"
+    assert len(build_tokenizer(cfg)) > 16
+    assert train.parse_args(["--config", "configs/default_fm.yaml"]).objective.name == "flow_matching"
 
 
 def test_golden_loss_curve_of_the_tiny_config(inputs, tmp_path):

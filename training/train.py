@@ -7,11 +7,15 @@ then the model, an evaluation with the exact shapes judge, and a Hugging Face ex
 
 The loop, in order: batch -> losses (text CE + lambda_img * IMM, mmgen/training/step.py) ->
 backward -> clip -> optimizer/scheduler step -> EMA -> log -> checkpoint (atomic) -> samples.
+
+A wrong setting, file or checkpoint ends the run with one line `error: ...` naming it and exit status
+2 (`--debug` shows the traceback); relative paths follow the rule in mmgen/config.py, so the script
+runs from any directory. Under `accelerate launch` the launcher adds its own report of the exit status
+unless it is given `--quiet`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -25,27 +29,38 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_vae.py beside this file
 
-from mmgen.config import Config, load_config, save_config_json
+from mmgen.cli import ArgumentParser, run_cli
+from mmgen.config import Config, ConfigError, load_config, resolve_input_path, save_config_json
 from mmgen.data.packing import PackingConfig
 from mmgen.masks import image_token_counts
 from mmgen.objectives import get_objective
 from mmgen.processing_mmgen import MMGenProcessor
 from mmgen.training import checkpointing
 from mmgen.training.accel import build_accelerator
-from mmgen.training.build import build_model, build_tokenizer, load_run_vae, objective_params
+from mmgen.training.build import (
+    build_model,
+    build_tokenizer,
+    check_input_paths,
+    load_run_vae,
+    objective_params,
+)
 from mmgen.training.data import TrainStream, ensure_shapes_shards
 from mmgen.training.ema import EMA
 from mmgen.training.perf import device_peak_flops, mfu
 from mmgen.training.schedule import build_scheduler
 from mmgen.training.step import NonFiniteGuard, compute_losses
 
+METRICS_FILE = "metrics.jsonl"  # one line per logged step
+
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Overrides: --section.key VALUE, e.g. --optim.max_steps 100")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"), help="YAML preset")
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="Overrides: --section.key VALUE, e.g. --optim.max_steps 100")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"),
+                        help="YAML preset (a relative path is looked up here, then in the repository)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
-    return load_config(args.config, overrides)
+    return load_config(resolve_input_path(args.config, ROOT), overrides)
 
 
 def prepare_inputs(cfg: Config, accelerator) -> str:
@@ -58,6 +73,7 @@ def prepare_inputs(cfg: Config, accelerator) -> str:
             ensure_vae(vae_path, resolution=cfg.model.image_size, sigma_data=cfg.objective.sigma_data)
         if cfg.data.source == "shapes":
             if accelerator.is_main_process:
+                _check_writable("data.shapes_dir", Path(cfg.data.shapes_dir))
                 ensure_shapes_shards(cfg.data.shapes_dir, num_docs=cfg.data.num_docs,
                                      resolution=cfg.model.image_size, seed=cfg.data.seed,
                                      samples_per_shard=cfg.data.samples_per_shard, tasks=cfg.data.tasks,
@@ -67,7 +83,18 @@ def prepare_inputs(cfg: Config, accelerator) -> str:
     return cfg.data.shards
 
 
-def main(argv=None) -> None:
+def _check_writable(key: str, path: Path) -> None:
+    """ConfigError naming `key` unless `path` is a directory this process can write, or can be made one."""
+    existing = next(p for p in (path, *path.parents, Path(".")) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: {existing} is not a writable directory")
+
+
+def main(argv=None) -> int:
+    return run_cli(train, argv)
+
+
+def train(argv: list[str]) -> None:
     cfg = parse_args(argv)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     accelerator = build_accelerator(mixed_precision=cfg.run.mixed_precision, grad_accum=cfg.optim.grad_accum,
@@ -79,11 +106,16 @@ def main(argv=None) -> None:
         accelerator.print(f"CPU: {threads} thread(s) per process")
     torch.manual_seed(cfg.run.seed)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config_json(cfg, run_dir / "config.json")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config_json(cfg, run_dir / "config.json")
+        except OSError as err:
+            raise ConfigError(f"run.output_dir={cfg.run.output_dir}: cannot write {run_dir} "
+                              f"({err.strerror or err})") from err
+    check_input_paths(cfg)  # before the minutes of stage 1 and shards: a wrong path fails at once
+    tokenizer = build_tokenizer(cfg)
     shards = prepare_inputs(cfg, accelerator)
 
-    tokenizer = build_tokenizer(cfg)
     vae = load_run_vae(cfg.model.vae, cfg.objective.sigma_data)
     model = build_model(cfg, tokenizer, vae)
     processor = MMGenProcessor.from_config(model.config, tokenizer)
@@ -111,20 +143,13 @@ def main(argv=None) -> None:
                             image_size=cfg.model.image_size, num_noisy_copies=1, text_loss=cfg.data.loss_on,
                             image_loss=cfg.data.loss_on,
                             special_ids=processor.special_ids)
-    stream = TrainStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
-                         num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
+    try:
+        stream = TrainStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                             num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
+    except FileNotFoundError as err:  # a shard pattern that matches nothing
+        raise ConfigError(f"data.shards: {err}") from err
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout
-    step = 0
-    seen = {"images_seen": 0, "image_targets_seen": 0, "tokens_seen": 0, "train_seconds": 0.0}  # all ranks
-    resume = checkpointing.find_latest(run_dir) if cfg.run.resume == "auto" else (
-        None if cfg.run.resume == "none" else Path(cfg.run.resume))
-    if resume is not None:
-        state, rank_state = checkpointing.load_checkpoint(accelerator, resume, generators={"objective": generator},
-                                                          ema=ema)
-        step = state["step"]
-        seen = {k: state.get(k, 0) for k in seen}
-        stream.load_state_dict(rank_state["data"])
-        accelerator.print(f"resumed from {resume} at step {step}")
+    step, seen = _resume(cfg, accelerator, run_dir, generator, ema, stream)
     accelerator.print(f"rank {rank}/{world}: shards {shards}; {num_trainable:,} trainable params")
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.run.name)
@@ -178,7 +203,7 @@ def main(argv=None) -> None:
                     "nonfinite_total": guard.total, **_scalars(losses.diagnostics), **_prefixed(stream.stats)}
             accelerator.log(logs, step=step)
             if accelerator.is_main_process:
-                with open(run_dir / "metrics.jsonl", "a") as f:
+                with open(run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
             progress.set_postfix(loss=f"{logs['loss']:.3f}", text=f"{logs['loss_text']:.3f}",
                                  img=f"{logs['loss_image']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
@@ -206,6 +231,32 @@ def main(argv=None) -> None:
     if accelerator.is_main_process:
         _finish(cfg, raw_model, ema, processor, run_dir, step, state_dict=full_state)
     accelerator.end_training()
+
+
+def _resume(cfg: Config, accelerator, run_dir: Path, generator, ema, stream) -> tuple[int, dict]:
+    """Load run.resume's checkpoint ("auto": the newest intact one) into the model, optimizer, EMA, generator
+    and stream; returns (step, images/tokens seen). The per-step logs lose the steps after it, which the
+    run now logs again."""
+    from mmgen.training.curves import CURVE_FILE
+
+    seen = {"images_seen": 0, "image_targets_seen": 0, "tokens_seen": 0, "train_seconds": 0.0}  # all ranks
+    resumed = None
+    if cfg.run.resume == "auto":
+        resumed = checkpointing.resume_latest(accelerator, run_dir, generators={"objective": generator}, ema=ema)
+    elif cfg.run.resume != "none":
+        resumed = checkpointing.resume_from(accelerator, cfg.run.resume,
+                                            generators={"objective": generator}, ema=ema)
+    step = 0
+    if resumed is not None:
+        path, state, rank_state = resumed
+        step = state["step"]
+        seen = {k: state.get(k, 0) for k in seen}
+        stream.load_state_dict(rank_state["data"])
+        accelerator.print(f"resumed from {path} at step {step}")
+    if accelerator.is_main_process:
+        for log in (METRICS_FILE, CURVE_FILE):
+            checkpointing.drop_steps_after(run_dir / log, step)
+    return step, seen
 
 
 def _progress(accelerator, start: int, total: int):
@@ -272,4 +323,4 @@ def _finish(cfg: Config, model, ema, processor, run_dir: Path, step: int, state_
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

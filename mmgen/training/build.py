@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmgen.config import Config, ModelSection
+from mmgen.cli import looks_local
+from mmgen.config import Config, ConfigError, ModelSection, resolve_input_path
 from mmgen.configuration_mmgen import MMGenConfig
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 from mmgen.tokenization import SpecialIds, load_pretrained_lm_tokenizer, load_tokenizer
@@ -19,8 +20,24 @@ def load_run_vae(name_or_path: str, sigma_data: float) -> MMGenVAE:
     """A stage-1 output dir (latent stats in its config) or a diffusers VAE on the Hub."""
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.vae={name_or_path}: no config.json there (is stage 1 finished?)")
-    return MMGenVAE.load_pretrained(name_or_path, sigma_data=sigma_data)
+        raise ConfigError(f"model.vae={name_or_path}: no config.json there (is stage 1 finished?)")
+    if looks_local(name_or_path) and not path.exists():
+        raise ConfigError(f"model.vae={name_or_path}: no such directory")
+    try:
+        return MMGenVAE.load_pretrained(name_or_path, sigma_data=sigma_data)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.vae={name_or_path}: cannot load a VAE ({_one_line(err)})") from err
+
+
+def check_input_paths(cfg: Config) -> None:
+    """ConfigError naming the setting of a model input that is meant as a directory and is not there; run
+    before the minutes of data preparation. model.vae under runs/ is stage 1's to make."""
+    m = cfg.model
+    for key, value in (("init_from", m.init_from), ("init_text_model", m.init_text_model), ("vae", m.vae)):
+        if key == "vae" and not Path(value).is_absolute() and value.startswith("runs/"):
+            continue
+        if value and looks_local(value) and not Path(value).exists():
+            raise ConfigError(f"model.{key}={value}: no such directory")
 
 
 def objective_params(cfg: Config) -> dict:
@@ -63,9 +80,12 @@ def build_model(cfg: Config, tokenizer, vae: MMGenVAE) -> MMGenForConditionalGen
         "sigma_data": cfg.objective.sigma_data,
     }
     if m.init_text_model:
-        model = MMGenForConditionalGeneration.from_pretrained_text_model(
-            m.init_text_model, tokenizer=tokenizer, attn_implementation=m.attn_implementation, **common
-        )
+        try:
+            model = MMGenForConditionalGeneration.from_pretrained_text_model(
+                m.init_text_model, tokenizer=tokenizer, attn_implementation=m.attn_implementation, **common
+            )
+        except OSError as err:  # not found locally or on the Hub
+            raise ConfigError(f"model.init_text_model={m.init_text_model}: cannot load it ({_one_line(err)})") from err
     else:
         config = MMGenConfig(text_config=text_config(cfg, len(tokenizer)),
                              attn_implementation=m.attn_implementation, **common)
@@ -85,12 +105,12 @@ def init_weights_from(model: MMGenForConditionalGeneration, source: str) -> None
     try:
         pretrained = MMGenForConditionalGeneration.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ValueError(f"model.init_from: cannot load an mmgen export from {source!r}: {err}") from err
+        raise ConfigError(f"model.init_from: cannot load an mmgen export from {source!r}: {_one_line(err)}") from err
     try:
         model.load_state_dict(pretrained.state_dict())
     except RuntimeError as err:  # torch names the missing, unexpected and mis-shaped tensors
-        raise ValueError(f"model.init_from {source!r}: its weights do not fit the model this config builds "
-                         f"(model.* and the VAE must match): {err}") from err
+        raise ConfigError(f"model.init_from {source!r}: its weights do not fit the model this config builds "
+                         f"(model.* and the VAE must match): {_one_line(err)}") from err
 
 
 def check_tokenizer_fits(model: MMGenForConditionalGeneration, tokenizer) -> None:
@@ -98,10 +118,10 @@ def check_tokenizer_fits(model: MMGenForConditionalGeneration, tokenizer) -> Non
     ids = SpecialIds.from_tokenizer(tokenizer).as_config()
     differ = {k: (v, getattr(model.config, k)) for k, v in ids.items() if getattr(model.config, k) != v}
     if differ:
-        raise ValueError(f"model.tokenizer: special-token ids (tokenizer, model config) differ: {differ}")
+        raise ConfigError(f"model.tokenizer: special-token ids (tokenizer, model config) differ: {differ}")
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        raise ValueError(f"model.tokenizer has {len(tokenizer)} tokens, the model's embedding table {rows} rows")
+        raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens, the model's embedding table {rows} rows")
 
 
 def build_tokenizer(cfg: Config):
@@ -109,7 +129,18 @@ def build_tokenizer(cfg: Config):
     LM's tokenizer with mmgen's special tokens appended (`load_pretrained_lm_tokenizer`): from
     `model.tokenizer` when that is set to something other than the shapes default, else from the LM's path."""
     m = cfg.model
-    if m.init_text_model:
-        default = ModelSection.__dataclass_fields__["tokenizer"].default
-        return load_pretrained_lm_tokenizer(m.init_text_model if m.tokenizer == default else m.tokenizer)
-    return load_tokenizer(m.tokenizer)
+    default = ModelSection.__dataclass_fields__["tokenizer"].default
+    lm_tokenizer = m.tokenizer not in (default, resolve_input_path(default))  # set to something of its own
+    try:
+        if m.init_text_model:
+            return load_pretrained_lm_tokenizer(m.tokenizer if lm_tokenizer else m.init_text_model)
+        return load_tokenizer(m.tokenizer)
+    except (OSError, ValueError) as err:  # missing files, a Hub id that does not resolve, wrong special ids
+        message = _one_line(err)
+        raise ConfigError(message if message.startswith("model.") else f"model.tokenizer: {message}") from err
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """The error's message on one line (torch and the Hub write several), cut at `limit` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,13 +8,19 @@ Shards are `OUT/{split}-000000.tar`, ... (`--samples-per-shard` samples each); t
 line is either an interleaved document `{"segments": [{"text": ...}, {"image": "rel/path.png"}, ...],
 "meta": {...}}` or a pair `{"image": "rel/path.jpg", "caption": "...", ...other fields kept...}`,
 with image paths relative to `--image-root`; an optional `"key"` (no dots) names the sample.
-A bad line (invalid JSON, missing or undecodable image, empty document) is skipped with a warning
-naming file, line and problem, and counted in the manifest; it never stops the run.
+A bad line is skipped with a warning naming file, line and problem, and counted by problem in the
+manifest's "skipped"; it never stops the run. The problems are those of the reader
+(mmgen/data/sample_format.py): bad_json (not UTF-8, or not JSON), missing_image, bad_image,
+bad_text (a text that is not valid Unicode, e.g. a lone surrogate "\\ud800"), empty_document,
+invalid_sample, and duplicate_key (a key an earlier line already wrote: the later line is skipped,
+since the reader could not tell the two apart). A missing --jsonl file is a one-line error (exit
+status 2) before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -29,6 +35,7 @@ from mmgen.data.sample_format import (
     IMAGE_EXTENSIONS,
     SampleError,
     check_key,
+    check_text,
     decode_image,
     encode_document,
     encode_pair,
@@ -66,6 +73,7 @@ def jsonl_record_to_sample(record: object, key: str, image_root: str) -> dict:
         out_segments, files = [], {}
         for i, segment in enumerate(segments):
             if isinstance(segment, dict) and set(segment) == {"text"} and isinstance(segment["text"], str):
+                check_text(segment["text"], f"segment {i}", max_text_chars=None)
                 if segment["text"]:
                     out_segments.append({"text": segment["text"]})
             elif isinstance(segment, dict) and set(segment) == {"image"}:
@@ -85,33 +93,44 @@ def jsonl_record_to_sample(record: object, key: str, image_root: str) -> dict:
         caption = record["caption"]
         if not isinstance(caption, str) or not caption.strip():
             raise SampleError("empty_document", "caption must be a non-empty string")
+        check_text(caption, "caption", max_text_chars=None)
         data, ext = _read_image(image_root, record["image"])
         extra = {k: v for k, v in record.items() if k not in ("image", "caption", "key")}
         return encode_pair(key, data, ext, caption, extra)
     raise SampleError("invalid_sample", "line needs 'segments', or 'image' and 'caption'")
 
 
+def _parse_line(raw: bytes) -> object:
+    try:  # bytes in, so one line that is not UTF-8 is one bad line, not the end of the run
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise SampleError("bad_json", f"invalid JSON ({exn})") from exn
+
+
 def iter_jsonl_samples(path: str, image_root: str, skipped: Counter) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
+    """Tar members of each good line of the JSONL file; bad lines are warned and counted in `skipped`."""
+    written: set[str] = set()  # keys so far: a later line with the same key is skipped
+    with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exn:
-                    raise SampleError("bad_json", f"invalid JSON ({exn})") from exn
-                yield jsonl_record_to_sample(record, f"{line_number:09d}", image_root)
+                sample = jsonl_record_to_sample(_parse_line(line), f"{line_number:09d}", image_root)
+                if sample["__key__"] in written:
+                    raise SampleError("duplicate_key", f"key {sample['__key__']!r} was already written")
             except (SampleError, ValueError) as exn:
                 problem = getattr(exn, "problem", "invalid_sample")
                 skipped[problem] += 1
                 warnings.warn(f"{path}: line {line_number}: {problem}: {exn}; skipped", stacklevel=1)
+                continue
+            written.add(sample["__key__"])
+            yield sample
 
 
 def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int,
                         tasks: list[str] | None = None, max_objects: int = 4, particles: int = 1,
                         t2i_max_objects: int | None = None) -> Iterator[dict]:
-    from mmgen.data.shapes import iter_documents  # the shapes world (issue 4 §1)
+    from mmgen.data.shapes import iter_documents  # imported here: only this source needs the shapes world
 
     documents = iter_documents(num_docs, seed=seed, split=split, resolution=resolution, tasks=tasks,
                                max_objects=max_objects, particles=particles, t2i_max_objects=t2i_max_objects)
@@ -122,15 +141,21 @@ def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int,
 def write_shards(
     samples: Iterator[dict], out: str, *, split: str, samples_per_shard: int, total: int | None = None
 ) -> dict:
-    """Write samples (tar members) into OUT/{split}-%06d.tar; returns per-shard counts."""
+    """Write samples (tar members) into OUT/{split}-%06d.tar; returns per-shard counts. No sample, no shard."""
     os.makedirs(out, exist_ok=True)
     counts: dict[str, int] = {}
     images = 0
+    samples = iter(samples)
+    first = next(samples, None)
+    if first is None:  # the writer opens its first shard at once: an empty tar would look like data
+        return {"shards": [], "num_samples": 0, "num_images": 0}
     pattern = os.path.join(out, f"{split}-%06d.tar")
     # mtime fixed (an int: a float mtime costs an extra pax header per member) so the same
     # documents give byte-identical shards.
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0) as writer:
-        for sample in tqdm(samples, total=total, unit="doc", desc=f"writing {split} shards", file=sys.stderr):
+        progress = tqdm(itertools.chain([first], samples), total=total, unit="doc", desc=f"writing {split} shards",
+                        file=sys.stderr)
+        for sample in progress:
             writer.write(sample)
             name = os.path.basename(writer.fname)
             counts[name] = counts.get(name, 0) + 1
@@ -180,6 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.jsonl is None:
             parser.error("--source jsonl needs --jsonl FILE")
+        try:  # checked before anything is written
+            open(args.jsonl, "rb").close()
+        except OSError as exn:
+            parser.exit(2, f"{parser.prog}: error: cannot read --jsonl {args.jsonl}: {exn.strerror}\n")
         samples, total = iter_jsonl_samples(args.jsonl, args.image_root, skipped), None
     written = write_shards(
         samples, args.out, split=args.split, samples_per_shard=args.samples_per_shard, total=total

@@ -13,7 +13,23 @@ splits the member name at the first dot of its basename). Two sample layouts are
 Both decode to the document of CONTRACTS.md §5:
 `{"segments": [{"text": str} | {"image": PIL.Image.Image (RGB)} | {"images": [PIL images]}, ...], "meta": dict}`.
 Anything that does not decode raises `SampleError` whose `problem` is one of `PROBLEMS`, so the
-reader can count it by kind.
+reader can count it by kind:
+
+- bad_json: a JSON member that is not UTF-8 JSON;
+- bad_image: an image member that does not decode;
+- missing_image: an image segment naming an absent member, or a caption without an image;
+- bad_text: a text or caption that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON
+  allows, or a .txt that is not UTF-8);
+- text_too_long: a text or caption longer than `max_text_chars` characters (checked before any image is
+  decoded, and long before tokenizing);
+- duplicate_member: a member (e.g. `KEY.txt`) that occurs twice in one sample: which copy is meant is
+  unknown, so the sample is skipped;
+- duplicate_key: a sample whose key an earlier sample of the same shard already had;
+- empty_document: no non-empty segment;
+- invalid_sample: any other malformed sample (unknown layout, wrong types, a segment with none or several
+  of text/image/images).
+
+Unknown keys in a segment or in the JSON are ignored, so a newer writer can add fields.
 """
 
 from __future__ import annotations
@@ -23,12 +39,16 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from mmgen.data.image_transforms import resize_center_crop_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-PROBLEMS = ("bad_json", "bad_image", "missing_image", "empty_document", "invalid_sample")
+PROBLEMS = ("bad_json", "bad_image", "missing_image", "bad_text", "text_too_long", "duplicate_member",
+            "duplicate_key", "empty_document", "invalid_sample")  # meanings: the module docstring
+MAX_TEXT_CHARS = 100_000  # default bound on one text or caption (a book chapter; longer is a data accident)
+SEGMENT_KINDS = ("text", "image", "images")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 
 
@@ -58,17 +78,25 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return resize_center_crop_image(image, resolution)
 
 
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16/32-bit grey (a 16-bit PNG opens as "I;16" or "I") -> "L", scaled: PIL's convert clips at 255."""
+    values = np.asarray(image).astype(np.int64).clip(0, 65535)  # (H, W)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
 def decode_image(data: bytes, resolution: int | None = None) -> Image.Image:
     """Bytes -> RGB PIL image (optionally resized + centre-cropped); raises SampleError('bad_image')."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # forces the full decode, so truncated files fail here and not later
+        if image.mode.startswith("I"):
+            image = _to_8_bit(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite transparency on black, the background of the shapes world.
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (0, 0, 0, 255))
             image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
+        image = image.convert("RGB")  # CMYK, L, 1, P, YCbCr: PIL's own conversions
     except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SampleError("bad_image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
     if resolution is not None:
@@ -97,9 +125,18 @@ def _parse_json(raw: bytes) -> Any:
         raise SampleError("bad_json", f"invalid JSON ({exn})") from exn
 
 
+def check_text(text: str, where: str, max_text_chars: int | None = MAX_TEXT_CHARS) -> str:
+    """`text` if it is valid Unicode and at most `max_text_chars` long (None: any length); else SampleError."""
+    if max_text_chars is not None and len(text) > max_text_chars:  # len() is O(1): checked first
+        raise SampleError("text_too_long", f"{where}: {len(text)} characters, more than {max_text_chars}")
+    try:
+        text.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form: the tokenizer would fail
+    except UnicodeEncodeError as exn:
+        raise SampleError("bad_text", f"{where}: not valid Unicode ({exn.reason} at {exn.start})") from exn
+    return text
+
+
 def _member_image(sample, member, i: int, resolution) -> Image.Image:
-    if not isinstance(member, str):
-        raise SampleError("invalid_sample", f"segment {i}: image must name a member like '0.png'")
     member = member.lower()  # webdataset lower-cases member suffixes
     if member not in sample:
         raise SampleError("missing_image", f"segment {i} names image member {member!r}, absent from the tar")
@@ -109,28 +146,38 @@ def _member_image(sample, member, i: int, resolution) -> Image.Image:
         raise SampleError("bad_image", f"segment {i} ({member}): {exn}") from exn
 
 
-def _decode_interleaved(sample, spec: dict, resolution) -> dict:
+def _segment_kind(segment: Any, i: int, max_text_chars: int | None) -> str:
+    """"text" | "image" | "images" for a well-formed segment (unknown keys ignored); else SampleError."""
+    kinds = [k for k in SEGMENT_KINDS if isinstance(segment, dict) and k in segment]
+    if len(kinds) != 1:
+        raise SampleError("invalid_sample", f"segment {i} must have exactly one of {list(SEGMENT_KINDS)}")
+    kind, value = kinds[0], segment[kinds[0]]
+    if kind == "text":
+        if not isinstance(value, str):
+            raise SampleError("invalid_sample", f"segment {i}: text must be a string")
+        check_text(value, f"segment {i}", max_text_chars)
+    elif kind == "image" and not isinstance(value, str):
+        raise SampleError("invalid_sample", f"segment {i}: image must name a member like '0.png'")
+    elif kind == "images" and not (isinstance(value, list) and value and all(isinstance(m, str) for m in value)):
+        raise SampleError("invalid_sample", f"segment {i}: images must be a non-empty list of members")
+    return kind
+
+
+def _decode_interleaved(sample, spec: dict, resolution, max_text_chars: int | None) -> dict:
     segments, meta = spec["segments"], spec.get("meta", {})
     if not isinstance(segments, list):
         raise SampleError("invalid_sample", "'segments' must be a list")
     if not isinstance(meta, dict):
         raise SampleError("invalid_sample", "'meta' must be an object")
+    # Every segment is checked before any image is decoded: a bad text costs no image decode.
+    kinds = [_segment_kind(segment, i, max_text_chars) for i, segment in enumerate(segments)]
     out = []
-    for i, segment in enumerate(segments):
-        if not isinstance(segment, dict) or len(segment) != 1 or not ({"text", "image", "images"} & segment.keys()):
-            raise SampleError("invalid_sample",
-                              f"segment {i} must be {{'text': str}}, {{'image': member}} or {{'images': [members]}}")
-        if "text" in segment:
-            if not isinstance(segment["text"], str):
-                raise SampleError("invalid_sample", f"segment {i}: text must be a string")
+    for i, (kind, segment) in enumerate(zip(kinds, segments)):
+        if kind == "text":
             if segment["text"]:
                 out.append({"text": segment["text"]})
-            continue
-        if "images" in segment:
-            members = segment["images"]
-            if not isinstance(members, list) or not members:
-                raise SampleError("invalid_sample", f"segment {i}: images must be a non-empty list of members")
-            out.append({"images": [_member_image(sample, m, i, resolution) for m in members]})
+        elif kind == "images":
+            out.append({"images": [_member_image(sample, m, i, resolution) for m in segment["images"]]})
         else:
             out.append({"image": _member_image(sample, segment["image"], i, resolution)})
     if not out:
@@ -138,28 +185,33 @@ def _decode_interleaved(sample, spec: dict, resolution) -> dict:
     return {"segments": out, "meta": dict(meta)}
 
 
-def _decode_pair(sample, caption: Any, meta: dict, resolution, pair_order: str) -> dict:
+def _decode_pair(sample, caption: Any, meta: dict, resolution, pair_order: str, max_text_chars: int | None) -> dict:
     if not isinstance(caption, str):
         raise SampleError("invalid_sample", "caption must be a string")
+    caption = check_text(caption.strip(), "caption", max_text_chars)
     exts = _image_members(sample)
     if not exts:
         raise SampleError("missing_image", "caption without an image member (.jpg/.jpeg/.png/.webp)")
-    image = decode_image(sample[exts[0]], resolution)
-    caption = caption.strip()
     if not caption:
         raise SampleError("empty_document", "empty caption")
+    image = decode_image(sample[exts[0]], resolution)
     text, img = {"text": caption}, {"image": image}
     segments = [text, img] if pair_order == "text_image" else [img, text]
     return {"segments": segments, "meta": meta}
 
 
 def decode_sample(
-    sample: dict[str, Any], *, resolution: int | None = None, pair_order: str = "text_image"
+    sample: dict[str, Any],
+    *,
+    resolution: int | None = None,
+    pair_order: str = "text_image",
+    max_text_chars: int | None = MAX_TEXT_CHARS,
 ) -> dict:
     """A grouped webdataset sample (member suffix -> bytes) -> document (CONTRACTS.md §5).
 
     resolution: resize + centre-crop every image to this square size (None keeps the size).
     pair_order: "text_image" (caption then image, for text->image) or "image_text" (captioning).
+    max_text_chars: longest text or caption accepted (None: no bound).
     Raises SampleError with the kind of problem; the caller adds shard and key to the message.
     """
     if pair_order not in ("text_image", "image_text"):
@@ -169,10 +221,10 @@ def decode_sample(
         if not isinstance(spec, dict):
             raise SampleError("invalid_sample", "JSON member must be an object")
         if "segments" in spec:
-            return _decode_interleaved(sample, spec, resolution)
+            return _decode_interleaved(sample, spec, resolution, max_text_chars)
         if "caption" in spec:
             meta = {k: v for k, v in spec.items() if k != "caption"}
-            return _decode_pair(sample, spec["caption"], meta, resolution, pair_order)
+            return _decode_pair(sample, spec["caption"], meta, resolution, pair_order, max_text_chars)
         if "txt" not in sample:
             raise SampleError("invalid_sample", "JSON member has neither 'segments' nor 'caption'")
         meta = spec
@@ -182,8 +234,8 @@ def decode_sample(
         try:
             caption = sample["txt"].decode("utf-8")
         except UnicodeDecodeError as exn:
-            raise SampleError("invalid_sample", f"caption .txt is not UTF-8 ({exn})") from exn
-        return _decode_pair(sample, caption, meta, resolution, pair_order)
+            raise SampleError("bad_text", f"caption .txt is not UTF-8 ({exn})") from exn
+        return _decode_pair(sample, caption, meta, resolution, pair_order, max_text_chars)
     members = sorted(k for k in sample if not k.startswith("__"))
     if _image_members(sample):
         raise SampleError("invalid_sample", f"image without a caption (.txt or .json); members {members}")

@@ -16,22 +16,34 @@ buffer would lose its contents on a restart). With resampled=True each worker in
 ceil(num_shards / num_workers_total) shards with replacement per epoch from an RNG seeded by
 (seed, epoch, worker), an infinite stream when epochs=None.
 
-Each shard is opened by its own `webdataset.WebDataset([url], shardshuffle=False, ...)`; the node
-and worker split happen on our list of (shard index, start offset) before that, because the
-position of a sample inside the epoch is what makes the state resumable and WebDataset's own url
-stream does not carry it.
+Each shard is read by our own loop over its members (`webdataset.gopen` opens local paths, `file:`,
+`pipe:` and the remote schemes webdataset knows; Python's streaming `tarfile` walks it), grouped into
+samples by key as webdataset does (consecutive members `KEY.ext`, suffix lower-cased). Owning the
+grouping lets a sample with a repeated member be skipped as a whole, where webdataset keeps the first
+copy. The node and worker split happen on our list of (shard index, start offset) before that,
+because the position of a sample inside the epoch is what makes the state resumable.
 
-Bad data (never fatal, each warned with shard, key and problem, and counted in `ReaderStats`):
-unreadable/truncated tar files or members (`tar_errors`, from webdataset's handler hook and from
-`tar_end_problem`, since a streaming tar read stops silently at a cut), invalid JSON
-(`bad_json`), undecodable images (`bad_image`), image segments naming an absent member
-(`missing_image`), documents with no non-empty segment (`empty_document`) and other malformed
-samples (`invalid_sample`).
+Bad data (never fatal, each warned with shard, key and problem, and counted by kind in `stats`):
+- `tar_errors`: a shard that cannot be opened or read to its end (not a tar, truncated, garbage,
+  a failing pipe). Python's streaming tar reader stops silently at a cut or at garbage after the
+  first member, so a local `.tar` is also checked by `tar_end_problem`. The samples before the damage
+  are delivered; the sample being read at the damage (perhaps missing members) and the rest of the
+  shard are not. A tar that ends right after a member, without the end-of-archive zero blocks, is
+  valid and accepted silently. At most one per shard, and it does not hide the sample problems
+  counted before it. A pipe or remote shard cannot be walked again: there only a cut inside a
+  member is seen, and one at a header boundary ends the shard as if it were complete.
+- one counter per sample problem of `mmgen.data.sample_format.PROBLEMS` (bad_json, bad_image,
+  missing_image, bad_text, text_too_long, duplicate_member, duplicate_key, empty_document,
+  invalid_sample; meanings in that module's docstring).
+
+The counters add up: `samples` counts the tar samples read (good or bad), `documents` those delivered,
+so samples == documents + sum(sample problems); `skipped` == sum(sample problems) + tar_errors, which
+is everything not delivered (a tar error counts the damaged shard once, not the samples it lost).
 
 Counters across DataLoader workers: a side channel. The counters live in a small int64 tensor in
 shared memory, one row per local DataLoader worker (row 0 without workers), created with the reader
 and inherited by the worker processes (fork or spawn). Each worker adds to its own row as it reads,
-so `reader.stats` (a dict, `ReaderStats` fields + "skipped") in the main process is live, includes
+so `reader.stats` (a dict: `COUNTERS` + "skipped") in the main process is live, includes
 bad data a worker met after its last good sample, and accumulates over iterations. Counts are per
 training process (rank); sum across ranks yourself if you log globally.
 
@@ -57,24 +69,29 @@ instead, call `reader.load_state_dict(reader.state_dict())` first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import glob
 import json
 import math
 import os
 import random
+import re
+import tarfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
 from urllib.parse import urlparse
 
 import braceexpand
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
-from mmgen.data.sample_format import PROBLEMS, SampleError, decode_sample
+from mmgen.cli import UsageError
+from mmgen.data.sample_format import MAX_TEXT_CHARS, PROBLEMS, SampleError, decode_sample
 
 STATE_VERSION = 1
 
@@ -83,26 +100,22 @@ class DataWarning(UserWarning):
     """A skipped sample or shard (filter with warnings.simplefilter if it floods a log)."""
 
 
-@dataclass
-class ReaderStats:
-    samples: int = 0  # tar samples (grouped members) read, good or bad
-    documents: int = 0  # documents yielded
-    tar_errors: int = 0  # unreadable / truncated tar files or members
-    bad_json: int = 0
-    bad_image: int = 0
-    missing_image: int = 0
-    empty_document: int = 0
-    invalid_sample: int = 0
-
-    @property
-    def skipped(self) -> int:
-        return sum(getattr(self, p) for p in PROBLEMS)
-
-    def as_dict(self) -> dict[str, int]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "skipped": self.skipped}
+class NoDocumentsError(UsageError):
+    """A stream that can deliver nothing: every shard unreadable or without one good sample. Its
+    message names the shards and the reader's counters; `mmgen.cli.run_cli` prints it as one line."""
 
 
-COUNTERS = tuple(f.name for f in fields(ReaderStats))
+class TarDamage(Exception):
+    """Unreadable tar data; `key` names the sample being read when it was met (dropped with the rest)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+# samples: tar samples read, good or bad; documents: delivered; tar_errors: shards cut short or
+# unreadable; then one counter per sample problem (meanings: mmgen.data.sample_format).
+COUNTERS = ("samples", "documents", "tar_errors", *PROBLEMS)
 MAX_LOCAL_WORKERS = 64
 
 
@@ -127,9 +140,10 @@ def expand_shards(urls: str | Iterable[str]) -> list[str]:
 def tar_end_problem(url: str) -> str | None:
     """Why a local .tar does not end cleanly, or None (also None for remote or compressed shards).
 
-    Python's streaming tar reader (the one webdataset uses) stops silently at a truncated file or
-    at garbage after the first member, so a cut shard would lose its tail unnoticed. This walks the
-    512-byte headers (checksum + size, seeking over the data) up to the end-of-archive zero block."""
+    Python's streaming tar reader (the one we use) stops silently at a truncated file or at garbage
+    after the first member, so a cut shard would lose its tail unnoticed. This walks the 512-byte
+    headers (checksum + size, seeking over the data) up to the end-of-archive zero block, or up to
+    the end of the file when it ends right after a member (valid data without the end marker)."""
     parsed = urlparse(url)
     path = parsed.path if parsed.scheme in ("", "file") else None
     if path is None or not path.endswith(".tar") or not os.path.isfile(path):
@@ -140,27 +154,80 @@ def tar_end_problem(url: str) -> str | None:
         while True:  # walk the headers: ~us each, where tarfile's parser costs ~40 us
             f.seek(offset)
             header = f.read(block)
+            if not header and offset > 0:
+                return None  # ends at a member boundary: nothing is missing
             if len(header) < block:
                 return f"tar ends inside a member at byte {offset} (truncated); samples after it are lost"
             if header.count(0) == block:
                 return None  # end-of-archive marker
-            try:
-                stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
-                size_field = header[124:136]
-                if size_field[0] & 0x80:  # GNU base-256 size
-                    size = int.from_bytes(size_field[1:], "big")
-                else:
-                    size = int(size_field.strip(b"\0 ") or b"0", 8)
-            except ValueError:
-                stored = size = -1
+            stored, size = _header_checksum_and_size(header)
             computed = sum(header[:148]) + 8 * 32 + sum(header[156:])  # checksum field counted as spaces
             if stored != computed or size < 0:
-                return (
-                    f"corrupt tar header at byte {offset} (garbage or truncated); samples after it are lost"
-                )
+                return f"corrupt tar header at byte {offset} (garbage or truncated); samples after it are lost"
             offset += block + -(-size // block) * block
             if offset > file_size:
                 return "tar member runs past the end of the file (truncated); samples after it are lost"
+
+
+def _header_checksum_and_size(header: bytes) -> tuple[int, int]:
+    """(stored checksum, member size) of a ustar/GNU header; -1 for a field that does not parse."""
+    try:
+        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+        size_field = header[124:136]
+        if size_field[0] & 0x80:  # GNU base-256 size
+            return stored, int.from_bytes(size_field[1:], "big")
+        return stored, int(size_field.strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return -1, -1
+
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (e.g. __index__): not samples
+
+
+def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular members of one shard, in tar order; raises on any damage, including
+    the silent stops that `tar_end_problem` finds in a local .tar."""
+    stream = gopen(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if info.isreg() and not _META_MEMBER.match(info.name):
+                    yield info.name, tar.extractfile(info).read()
+                tar.members = []  # a streaming read need not keep every header
+        stream.close()  # a pipe reports its command's exit status here
+    finally:
+        with contextlib.suppress(Exception):  # already failed or abandoned: the first error is the one to report
+            stream.close()
+    problem = tar_end_problem(url)
+    if problem is not None:
+        raise tarfile.ReadError(problem)
+
+
+def tar_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
+    """Consecutive members sharing a key -> one sample {"__key__": key, suffix: data, ...}, suffixes
+    lower-cased as webdataset does. A repeated suffix is marked in "__duplicate__" (the first copy is
+    kept). A damage in `members` is raised as TarDamage naming the unfinished sample, never yielded."""
+    sample: dict | None = None
+    try:
+        for name, data in members:
+            key, suffix = base_plus_ext(name)
+            if key is None:  # no extension: not part of a sample
+                continue
+            suffix = suffix.lower()
+            if sample is not None and key != sample["__key__"]:
+                yield sample
+                sample = None
+            if sample is None:
+                sample = {"__key__": key}
+            if suffix in sample:
+                sample.setdefault("__duplicate__", suffix)
+            else:
+                sample[suffix] = data
+    except Exception as exn:  # gopen and tarfile raise many types (OSError, EOFError, TarError, ...)
+        key = sample["__key__"] if sample is not None else None
+        raise TarDamage(f"{type(exn).__name__}: {str(exn)[:200]}", key) from exn
+    if sample is not None:
+        yield sample
 
 
 def collate_documents(batch: list[dict]) -> list[dict]:
@@ -183,6 +250,7 @@ class WebDocuments(torch.utils.data.IterableDataset):
     sizes). shuffle: permute shards per epoch. seed: for that permutation / resampling.
     epochs: number of epochs (None = forever). resampled: draw shards with replacement.
     pair_order: "text_image" | "image_text" for caption pairs.
+    max_text_chars: a sample with a longer text or caption is skipped (`text_too_long`; None: no bound).
     """
 
     def __init__(
@@ -195,11 +263,13 @@ class WebDocuments(torch.utils.data.IterableDataset):
         epochs: int | None = 1,
         resampled: bool = False,
         pair_order: str = "text_image",
+        max_text_chars: int | None = MAX_TEXT_CHARS,
     ):
         super().__init__()
         self.urls = expand_shards(urls)
         self.resolution, self.shuffle, self.seed = resolution, shuffle, seed
         self.epochs, self.resampled, self.pair_order = epochs, resampled, pair_order
+        self.max_text_chars = max_text_chars
         self._base = self._empty_state()
         self._observed: dict[
             int, tuple[tuple[int, int], tuple[int, int, int]]
@@ -279,47 +349,35 @@ class WebDocuments(torch.utils.data.IterableDataset):
 
     def _read_shard(self, url: str, start: int, row: int) -> Iterator[tuple[int, dict]]:
         """(tar samples consumed so far in this shard, document) for the good samples after `start`."""
-
-        failed = False
-
-        def on_tar_error(exn: Exception) -> bool:
-            nonlocal failed
-            if failed:  # webdataset reports one damage at member and at shard level: count it once
-                return True
-            failed = True
+        seen: set[str] = set()  # keys of this shard, also those before `start`
+        try:
+            for index, sample in enumerate(tar_samples(tar_members(url))):
+                key = sample["__key__"]
+                repeated = key in seen
+                seen.add(key)
+                if index < start:
+                    continue
+                self._count(row, "samples")
+                try:
+                    doc = self._decode(sample, repeated)
+                except SampleError as exn:
+                    self._count(row, exn.problem)
+                    warnings.warn(f"{url}: key {key}: {exn.problem}: {exn}", DataWarning)
+                    continue
+                doc["meta"]["_wds"] = {"shard": url, "key": key}
+                yield index + 1, doc
+        except TarDamage as exn:
             self._count(row, "tar_errors")
-            warnings.warn(
-                f"{url}: unreadable tar data, rest of the shard or member skipped: "
-                f"{type(exn).__name__}: {str(exn)[:200]}",
-                DataWarning,
-            )
-            return True
+            dropped = f"sample {exn.key} and " if exn.key else ""
+            warnings.warn(f"{url}: unreadable tar data, {dropped}the rest of the shard skipped: {exn}", DataWarning)
 
-        dataset = wds.WebDataset(
-            [url],
-            handler=on_tar_error,
-            shardshuffle=False,
-            nodesplitter=None,
-            workersplitter=None,
-            empty_check=False,
-        )
-        for index, sample in enumerate(dataset):
-            if index < start:
-                continue
-            self._count(row, "samples")
-            key = sample.get("__key__", "?")
-            try:
-                doc = decode_sample(sample, resolution=self.resolution, pair_order=self.pair_order)
-            except SampleError as exn:
-                self._count(row, exn.problem)
-                warnings.warn(f"{url}: key {key}: {exn.problem}: {exn}", DataWarning)
-                continue
-            doc["meta"]["_wds"] = {"shard": url, "key": key}
-            yield index + 1, doc
-        problem = None if failed else tar_end_problem(url)
-        if problem is not None:
-            self._count(row, "tar_errors")
-            warnings.warn(f"{url}: {problem}", DataWarning)
+    def _decode(self, sample: dict, repeated: bool) -> dict:
+        if repeated:
+            raise SampleError("duplicate_key", "an earlier sample of this shard has the same key")
+        if "__duplicate__" in sample:
+            raise SampleError("duplicate_member", f"member .{sample['__duplicate__']} occurs twice in the sample")
+        return decode_sample(sample, resolution=self.resolution, pair_order=self.pair_order,
+                             max_text_chars=self.max_text_chars)
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = pytorch_worker_info()
@@ -368,9 +426,9 @@ class WebDocuments(torch.utils.data.IterableDataset):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters of this process and its DataLoader workers, live (see the module docstring)."""
-        totals = self._counters.sum(dim=0).tolist()
-        return ReaderStats(**dict(zip(COUNTERS, totals))).as_dict()
+        """`COUNTERS` and "skipped" of this process and its DataLoader workers, live (module docstring)."""
+        totals = dict(zip(COUNTERS, self._counters.sum(dim=0).tolist()))
+        return {**totals, "skipped": totals["tar_errors"] + sum(totals[p] for p in PROBLEMS)}
 
     # ---------------------------------------------------------------------------- state
 
@@ -461,7 +519,7 @@ def bench(
         "first_batch_s": round(first_batch_s or 0.0, 3),
         "documents_per_s": round(documents / seconds, 1),
         "images_per_s": round(images / seconds, 1),
-        "skipped": reader.stats["skipped"] + reader.stats["tar_errors"],
+        "skipped": reader.stats["skipped"],
     }
 
 

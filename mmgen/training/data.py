@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mmgen.data.packing import COUNTER_KEYS, DocumentPacker, PackingConfig
-from mmgen.data.webdata import WebDocuments
+from mmgen.data.webdata import NoDocumentsError, WebDocuments
 
 
 def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int, seed: int,
@@ -73,6 +73,7 @@ class TrainStream:
                  num_workers: int = 0, prefetch: int = 0):
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
+        self.urls = urls
         self.reader = WebDocuments(urls, resolution=packing.image_size, shuffle=True, seed=seed, epochs=None)
         self.packer = DocumentPacker(tokenizer, packing, batch_size=batch_size, drop_last=True)
         self.num_workers = num_workers
@@ -127,7 +128,12 @@ class TrainStream:
     def _next_batch(self) -> dict:
         if self._batches is None:
             self._batches = self.packer.iter_batches(self._documents())
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except StopIteration:  # the reader ends its endless stream only after an epoch without a document
+            counters = ", ".join(f"{k}={v}" for k, v in self.reader.stats.items() if v) or "nothing read"
+            raise NoDocumentsError(f"no training documents from shards {self.urls!r} "
+                                   f"({len(self.reader.urls)} files); reader counters: {counters}") from None
         # keep only the positions from the last delivered document on
         while self._first < self.packer.resume_index - 1:
             self._positions.popleft()

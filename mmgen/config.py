@@ -140,6 +140,8 @@ class ObjectiveSection:
     time_input: Literal["stride", "identity"] = "stride"
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow matching only
     time_shift: float = 1.0  # SD3 timestep shift of training times and the sampling grid; > 1 = toward noise
+    # IMM's MMD kernel: "laplace" (the paper's) or "gaussian" (mmgen/objectives/imm.py says why)
+    kernel: Literal["laplace", "gaussian"] = "laplace"
     # IMM's target branch: "prefix" runs only the target copies over the student pass's keys/values,
     # "full" a second forward of the whole batch (same numbers to rounding; prefix is cheaper, README)
     target_pass: Literal["prefix", "full"] = "prefix"

@@ -88,6 +88,40 @@ def test_mmd_of_a_set_with_itself_is_zero():
     assert (other > 0).all()
 
 
+def test_gaussian_kernel_mmd_matches_its_formula():
+    student, target, s, t = _golden_mmd_sets()
+    weight = kernel_weight(s, t, IMMConfig())
+    k = lambda a, b, w: torch.exp(-0.5 * (w * (a[:, None] - b[None]).norm(dim=-1) / a.shape[-1]) ** 2)
+    expected = [
+        k(a, a, w).mean() + k(b, b, w).mean() - 2 * k(a, b, w).mean() for a, b, w in zip(student, target, weight)
+    ]
+    _assert_rel(group_mmd2(student, target, weight, kernel="gaussian"), torch.stack(expected).tolist(), rel=1e-12)
+    assert torch.equal(group_mmd2(student, student.clone(), weight, "gaussian"), torch.zeros(2, dtype=F64))
+    with pytest.raises(ValueError, match="kernel"):
+        IMMConfig(kernel="cosine")
+
+
+def test_paired_kernel_term_regresses_to_the_median_with_laplace_and_the_mean_with_gaussian():
+    """Where student particle i meets the target made from its own (x, eps), 1 - k(a, y) is the loss of a
+    regression of a on y: the Laplace kernel is linear in |a - y| near 0 (optimum: the median of y), the
+    Gaussian quadratic (optimum: the mean), which is what a flow map's short jumps need."""
+    y = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 6.0], dtype=F64)[:, None, None]  # mean 1.33, median 0.5
+    weight = torch.tensor([0.05], dtype=F64)  # a wide kernel: both are in their small-distance regime
+    best = {}
+    for kernel in ("laplace", "gaussian"):
+        a = torch.zeros(1, 1, 1, dtype=F64, requires_grad=True)
+        opt = torch.optim.Adam([a], lr=0.05)
+        for _ in range(800):
+            # M = 1 groups: the V-statistic MMD^2 is 2 (1 - k(a, y))
+            loss = torch.stack([group_mmd2(a, yi[None], weight, kernel) for yi in y]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        best[kernel] = float(a.detach())
+    assert 0.0 <= best["laplace"] <= 1.0  # a median of y
+    assert best["gaussian"] == pytest.approx(float(y.mean()), abs=0.05)
+
+
 @pytest.mark.parametrize(
     "parameterization, interpolant",
     [("euler_fm", "ot_fm"), ("simple_edm", "ot_fm"), ("simple_edm", "cosine")],

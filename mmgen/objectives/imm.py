@@ -13,6 +13,7 @@ Notation (see also ``interpolants.py``):
         c_in(t) = 1 / (sigma_d sqrt(a_t^2 + s_t^2))
     r(s, t) = max(s, min(t - delta, eta^{-1}(eta_t - (eta_max - eta_min) / 2^k)))   (App. C.1)
     kernel k(a, b) = exp(-w~ max(||a - b||_2, 1e-8) / D),  w~ = 1 / |c_out(s, t)|  (App. C.4)
+        or, with kernel="gaussian", exp(-(w~ ||a - b||_2 / D)^2 / 2): the same length scale, squared
     MMD^2 per group of M particles: V-statistic mean(K_ss) + mean(K_tt) - 2 mean(K_st)  (Eq. (12))
     w(s, t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t / dt) alpha_t^a / (alpha_t^2 + sigma_t^2)
                                                                                (Eq. (13), App. C.5)
@@ -74,6 +75,11 @@ class IMMConfig:
     # Timestep shift (SD3, arXiv 2403.03206): t = eps + (T - eps) shift_time(u, time_shift), u ~ U(0, 1),
     # for training times and the sampler's default grid alike. 1 = the paper's uniform t.
     time_shift: float = 1.0
+    # The MMD kernel. "laplace" is the paper's. Its V-statistic pairs each student particle with the target
+    # built from the same (x, eps); near that pair the Laplace kernel is linear in the distance, an L1-type
+    # regression whose optimum is a median, not the mean the flow map needs, and each short jump of a
+    # many-step sampler sharpens the modes. "gaussian" is quadratic there (docs/toy2d.md).
+    kernel: str = "laplace"
 
     def __post_init__(self):
         get_interpolant(self.interpolant)  # validates the name
@@ -101,6 +107,8 @@ class IMMConfig:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
         if self.k < 0 or self.delta < 0:
             raise ValueError(f"k and delta must be >= 0, got k={self.k}, delta={self.delta}")
+        if self.kernel not in _KERNELS:
+            raise ValueError(f"kernel must be one of {tuple(_KERNELS)}, got {self.kernel!r}")
 
 
 def time_inputs(t, s, time_input: str = "stride") -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +222,18 @@ def _laplace_kernel(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> t
     return torch.exp(-weight[:, None, None] * dist / dim)
 
 
-def group_mmd2(student: torch.Tensor, target: torch.Tensor, weight) -> torch.Tensor:
-    """Per-group V-statistic MMD^2 with the Laplace kernel (IMM Eq. (12)).
+def _gaussian_kernel(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) = exp(-(w~ ||a_i - b_j|| / D)^2 / 2) for (G, M, D) inputs -> (G, M, M)."""
+    dim = a.shape[-1]
+    sq = (a[:, :, None, :] - b[:, None, :, :]).pow(2).sum(-1)  # (G, M, M)
+    return torch.exp(-0.5 * (weight[:, None, None] / dim) ** 2 * sq)
+
+
+_KERNELS = {"laplace": _laplace_kernel, "gaussian": _gaussian_kernel}
+
+
+def group_mmd2(student: torch.Tensor, target: torch.Tensor, weight, kernel: str = "laplace") -> torch.Tensor:
+    """Per-group V-statistic MMD^2 (IMM Eq. (12)) with the Laplace (the paper's) or Gaussian kernel.
 
     student, target: (G, M, D); weight: w~ per group, (G,) or scalar. Returns (G,).
     Computed in at least float32 whatever the input dtype.
@@ -227,9 +245,10 @@ def group_mmd2(student: torch.Tensor, target: torch.Tensor, weight) -> torch.Ten
     dtype = torch.promote_types(student.dtype, torch.float32)
     student, target = student.to(dtype), target.to(dtype)
     weight = as_time(weight, student.device).to(dtype).expand(student.shape[0])
-    k_ss = _laplace_kernel(student, student, weight).mean(dim=(1, 2))
-    k_tt = _laplace_kernel(target, target, weight).mean(dim=(1, 2))
-    k_st = _laplace_kernel(student, target, weight).mean(dim=(1, 2))
+    k = _KERNELS[kernel]
+    k_ss = k(student, student, weight).mean(dim=(1, 2))
+    k_tt = k(target, target, weight).mean(dim=(1, 2))
+    k_st = k(student, target, weight).mean(dim=(1, 2))
     return k_ss + k_tt - 2.0 * k_st
 
 
@@ -279,12 +298,12 @@ def _grouped_mmd2(student, target, t, s, num_particles: int, config):
     if num_full:
         shape = (num_full, num_particles, student.shape[1])  # (G, M, D)
         parts.append(
-            group_mmd2(student[:used].reshape(shape), target[:used].reshape(shape), weight[:num_full])
+            group_mmd2(student[:used].reshape(shape), target[:used].reshape(shape), weight[:num_full], config.kernel)
         )
     if leftover >= 2:
         shape = (1, leftover, student.shape[1])  # (1, L, D): the smaller last group
         parts.append(
-            group_mmd2(student[used:].reshape(shape), target[used:].reshape(shape), weight[num_full:])
+            group_mmd2(student[used:].reshape(shape), target[used:].reshape(shape), weight[num_full:], config.kernel)
         )
     excluded = leftover if leftover == 1 else 0
     mmd2 = torch.cat(parts)
@@ -309,7 +328,7 @@ def _chunked_mmd2(student, target, t, s, chunks: list[list[int]], config):
         which = [j for j, c in enumerate(chunks) if len(c) == size]
         index = torch.tensor([chunks[j] for j in which], device=student.device)  # (G_size, size)
         which_t = torch.tensor(which, device=student.device)
-        mmd2 = mmd2.index_put((which_t,), group_mmd2(flat_s[index], flat_t[index], weight[which_t]))
+        mmd2 = mmd2.index_put((which_t,), group_mmd2(flat_s[index], flat_t[index], weight[which_t], config.kernel))
     return mmd2
 
 

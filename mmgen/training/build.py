@@ -12,7 +12,7 @@ from mmgen.tokenization import SpecialIds, load_pretrained_lm_tokenizer, load_to
 from mmgen.vae import MMGenVAE
 
 IMM_KEYS = ("num_particles", "k", "a", "b", "T", "eps", "delta", "parameterization", "time_input", "p_uncond",
-            "fm_fraction", "fm_weight", "time_shift")
+            "fm_fraction", "fm_weight", "time_shift", "kernel")
 FM_KEYS = ("time_sampling", "time_input", "p_uncond", "time_shift")
 
 

@@ -80,25 +80,35 @@ def test_both_objectives_get_the_same_forward_evaluations_per_step():
 
 
 def test_results_json_has_the_documented_shape(tmp_path):
-    results = toy2d.run(TINY, ("ring",), tmp_path, particles=(1, 4))
+    results = toy2d.run(TINY, ("ring",), tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     r = on_disk["ring"]
-    assert set(r["imm"]) == {"1", "2", "4", "8"}
+    assert set(r["imm"]) == set(r["imm_gaussian"]) == {"1", "2", "4", "8", "16"}
     assert set(r["fm"]) == {"1", "2", "4", "8", "16", "32", "64", "128"}
-    assert set(r["particles"]) == {"1", "4"} and set(r["particles"]["1"]) == {"1", "2", "4", "8"}
-    for leaf in [r["floor"], *r["imm"].values(), *r["fm"].values(), *r["particles"]["1"].values()]:
+    for leaf in [r["floor"], *r["imm"].values(), *r["imm_gaussian"].values(), *r["fm"].values()]:
         assert set(leaf) == {"swd", "energy"}
         assert all(isinstance(v, float) and v >= 0 for v in leaf.values())
+    assert r["imm"] != r["imm_gaussian"]  # the kernel reaches the objective
     assert (tmp_path / "toy2d.png").stat().st_size > 10_000
-    assert "| IMM pushforward | 4 |" in (tmp_path / "results.md").read_text()
+    assert "| IMM pushforward (Gaussian kernel) | 4 |" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == TINY.steps
+
+
+def test_particle_ablation_reports_each_seed_and_an_interval(tmp_path):
+    result = toy2d.run_particles(TINY, (0, 1), tmp_path, particles=(1, 4))
+    cell = result["particles"]["4"]["8"]
+    assert len(cell["values"]) == 2 and cell["values"][0] != cell["values"][1]
+    assert cell["swd"] == pytest.approx(sum(cell["values"]) / 2)
+    assert cell["ci95"][0] < cell["swd"] < cell["ci95"][1]
+    assert json.loads((tmp_path / "particles.json").read_text())["seeds"] == [0, 1]
+    assert (tmp_path / "particles.png").stat().st_size > 5_000
 
 
 def test_one_imm_step_beats_one_flow_matching_step_on_the_ring():
     # One Euler step of flow matching lands every sample near E[x | noise] ~ the ring's centre; a briefly
     # trained IMM flow map already spreads its one-step samples over the ring.
-    cfg = toy2d.Toy2DConfig(steps=300, batch_size=128, width=64, depth=2, emb_dim=32, num_eval=1024)
+    cfg = toy2d.Toy2DConfig(steps=300, batch_size=128, lr=3e-3, width=64, depth=2, emb_dim=32, num_eval=1024)
     reference, _, noise, directions = toy2d.eval_sets("ring", cfg)
     scores = {}
     for objective in ("imm", "flow_matching"):

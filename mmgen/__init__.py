@@ -6,5 +6,9 @@ with Inductive Moment Matching (Zhou, Ermon & Song, ICML 2025, arXiv 2503.07565)
 
 __version__ = "0.1.0"
 
-from mmgen import modeling_mmgen as _modeling_mmgen  # noqa: F401  registers "mmgen" with the Auto classes
-from mmgen import processing_mmgen as _processing_mmgen  # noqa: F401  registers MMGenProcessor with AutoProcessor
+# Importing these registers "mmgen" with the Auto classes and MMGenProcessor with AutoProcessor.
+from mmgen.configuration_mmgen import MMGenConfig
+from mmgen.modeling_mmgen import MMGenForConditionalGeneration
+from mmgen.processing_mmgen import MMGenProcessor
+
+__all__ = ["MMGenConfig", "MMGenForConditionalGeneration", "MMGenProcessor", "__version__"]

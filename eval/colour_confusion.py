@@ -17,7 +17,6 @@ OUT/colour_confusion.png (heatmap).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -69,11 +68,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from transformers import AutoModel, AutoProcessor
-
+    from mmgen.cli import ArgumentParser, UsageError, load_export
     from mmgen.generation import generate_images_for_prompts
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=4)
@@ -81,10 +79,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--sampler", choices=["pushforward", "euler", "restart"], default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--per-colour", args.per_colour), ("--threads", args.threads)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
-    model = AutoModel.from_pretrained(args.model).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_export(args.model)
     images = {}
     for colour in COLOURS:
         prompts = [f"Draw a {colour} {SHAPES[i % len(SHAPES)]}." for i in range(args.per_colour)]
@@ -106,4 +107,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mmgen.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -6,16 +6,14 @@ Single-object and two-object prompts from the shapes grammar on the test seed
 (`mmgen.training.evaluate.t2i_prompts`), one image per prompt and seed i, scored by `score_t2i`
 (overall verdict with a 95% Wilson interval, and the shares passing each partial verdict: valid,
 colours, shapes, counts, nothing_extra); greedy captions of `--num` train-combination renders; and
-`prompt_sensitivity` (0 = the image ignores the prompt). The ablation tables of issue 5's closing notes
-were made with this script. The full report is `eval/run.py`.
+`prompt_sensitivity` (0 = the image ignores the prompt). The full report is `eval/run.py`.
 """
 
-import argparse
 import json
 
 import torch
 
-import mmgen  # noqa: F401  (registers the Auto classes)
+from mmgen.cli import ArgumentParser, UsageError, load_export, run_cli
 from mmgen.training.evaluate import (
     accuracy,
     caption_scores,
@@ -27,9 +25,7 @@ from mmgen.training.evaluate import (
 
 
 def main(argv=None) -> dict:
-    from transformers import AutoModel, AutoProcessor
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
@@ -39,10 +35,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--sampler", choices=["pushforward", "euler", "restart"], default=None,
                         help="default: the model's objective's own (IMM: pushforward, flow matching: euler)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    for flag, values in (("--steps", args.steps), ("--num", [args.num]), ("--threads", [args.threads])):
+        if min(values) < 1:
+            raise UsageError(f"{flag} must be >= 1, got {min(values)}")
     torch.set_num_threads(args.threads)
-    model = AutoModel.from_pretrained(args.model).eval().to(args.device)
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_export(args.model, args.device)
     results = {}
     for groups, name in ((1, "single"), (2, "two")):
         prompts = t2i_prompts("train", groups, args.num)
@@ -61,4 +60,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

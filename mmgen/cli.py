@@ -83,3 +83,25 @@ def check_model_source(name: str, flag: str = "--model") -> None:
         raise UsageError(f"{flag} {name}: a file, not a model directory")
     if looks_local(name) and not path.exists():
         raise UsageError(f"no such model directory: {name}")
+
+
+def load_export(name: str, device: str = "cpu", flag: str = "--model"):
+    """(model in eval mode on `device`, processor) of an mmgen export, or a UsageError naming `name` and what
+    is wrong (missing directory, not an export, damaged weights)."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    import mmgen  # noqa: F401  registers the Auto classes
+
+    check_model_source(name, flag)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {device!r}: {err}") from None
+    try:
+        model = AutoModel.from_pretrained(name).eval().to(device)
+        processor = AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # not an mmgen export, or damaged
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        raise UsageError(f"{flag} {name}: cannot load an mmgen model from it ({reason})") from None
+    return model, processor

@@ -66,3 +66,22 @@ def test_an_existing_directory_passes_and_a_file_is_named(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(UsageError, match="a file, not a model directory"):
         check_model_source(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.parametrize("script", ["quick_t2i", "colour_confusion"])
+def test_eval_scripts_name_a_bad_model_or_step_count_in_one_line(script, tmp_path, capsys, monkeypatch):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
+    module = importlib.import_module(script)
+    out = str(tmp_path / "out")
+    assert run_cli(module.main, ["--model", str(tmp_path / "missing"), "--out", out]) == 2
+    assert capsys.readouterr().err == f"error: no such model directory: {tmp_path / 'missing'}\n"
+    assert run_cli(module.main, ["--model", str(tmp_path), "--out", out]) == 2  # a directory, not an export
+    assert capsys.readouterr().err.startswith(f"error: --model {tmp_path}: cannot load an mmgen model from it (")
+    assert run_cli(module.main, ["--model", str(tmp_path), "--out", out, "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "error: --steps must be >= 1, got 0\n"
+    assert not (tmp_path / "out").exists()
+    sys.modules.pop(script, None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -172,7 +173,7 @@ def decode_masked(model: TinyLM, data: PhraseSet, num: int, num_steps: int, gene
     order = torch.argsort(torch.rand(num, N, generator=generator), dim=1)  # (num, N) positions by step
     bounds = [round(i * N / num_steps) for i in range(num_steps + 1)]
     rows = torch.arange(num)[:, None]
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         positions = order[:, lo:hi]  # (num, k)
         logits = model(ids)[rows, positions]  # (num, k, V)
         k = positions.shape[1]
@@ -258,10 +259,11 @@ def _ring_scores(x, reference, directions, radius: float) -> dict:
 def markdown(result: dict) -> str:
     lines = []
     for name, r in result["discrete"].items():
-        lines += [f"### {name} ({len(r['phrases'])} valid phrases of {r['length']} tokens; chance of a valid "
-                  f"phrase when every position is drawn independently: {r['chance_valid']:.3f})", "",
-                  "| decoder | steps | invalid | 95% interval | TV of valid | invalid examples |", "|---|---|---|---|---|---|"]
-        rows = [(f"masked diffusion", L, s) for L, s in r["masked"].items()] + [("autoregressive", r["length"], r["ar"])]
+        title = (f"### {name} ({len(r['phrases'])} valid phrases of {r['length']} tokens; chance of a valid "
+                 f"phrase when every position is drawn independently: {r['chance_valid']:.3f})")
+        lines += [title, "", "| decoder | steps | invalid | 95% interval | TV of valid | invalid examples |",
+                  "|---|---|---|---|---|---|"]
+        rows = [("masked diffusion", L, s) for L, s in r["masked"].items()] + [("autoregressive", r["length"], r["ar"])]
         for decoder, L, s in rows:
             lo, hi = s["invalid_ci95"]
             lines.append(f"| {decoder} | {L} | {s['invalid']:.3f} | {lo:.3f}-{hi:.3f} | {s['tv_valid']:.3f} | "

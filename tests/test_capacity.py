@@ -48,7 +48,7 @@ def test_one_parallel_step_writes_invalid_phrases_and_one_token_per_step_does_no
 
 
 def test_one_flow_matching_step_lands_off_the_ring_between_its_modes():
-    scores, samples = capacity.continuous(capacity.CapacityConfig(toy_steps=300))
+    scores, _ = capacity.continuous(capacity.CapacityConfig(toy_steps=300))
     assert set(scores) == {"data", "fm_1", "fm_8", "imm_1", "imm_8", "imm_gaussian_1", "imm_gaussian_8"}
     assert scores["data"]["off_ring"] == 0.0
     # one Euler step moves towards the conditional mean, inside the ring; one IMM jump lands nearer the ring

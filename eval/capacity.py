@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgen.training.evaluate import wilson
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ is scripts, not a package
 import toy2d
 
@@ -192,23 +194,16 @@ def decode_ar(model: TinyLM, data: PhraseSet, num: int, generator) -> torch.Tens
     return ids[:, 1:]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def score(samples: torch.Tensor, data: PhraseSet) -> dict:
     """Invalid rate with its interval, TV distance of the valid phrases' frequencies to uniform, examples."""
     valid = {tuple(p.tolist()): i for i, p in enumerate(data.phrases)}
     index = [valid.get(tuple(s.tolist()), -1) for s in samples]
-    bad = sum(i < 0 for i in index)
-    counts = torch.bincount(torch.tensor([i for i in index if i >= 0] or [0]), minlength=len(valid)).double()
-    if bad == len(index):
-        counts.zero_()
-    freq = counts / max(1, counts.sum())
-    tv = float(0.5 * (freq - 1.0 / len(valid)).abs().sum()) if counts.sum() else 1.0
+    good = [i for i in index if i >= 0]
+    bad = len(index) - len(good)
+    tv = 1.0  # no valid phrase: as far from uniform as it gets
+    if good:
+        freq = torch.bincount(torch.tensor(good), minlength=len(valid)).double() / len(good)
+        tv = float(0.5 * (freq - 1.0 / len(valid)).abs().sum())
     examples = sorted({data.text(s) for s, i in zip(samples, index) if i < 0})[:5]
     return {"invalid": bad / len(index), "invalid_ci95": wilson(bad, len(index)), "tv_valid": tv,
             "invalid_examples": examples}

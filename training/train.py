@@ -43,6 +43,7 @@ from mmgen.training.build import (
     check_input_paths,
     load_run_vae,
     objective_params,
+    stage1_makes,
 )
 from mmgen.training.data import TrainStream, ensure_shapes_shards
 from mmgen.training.ema import EMA
@@ -67,7 +68,7 @@ def prepare_inputs(cfg: Config, accelerator) -> str:
     """Stage 1 and the embedded shards, made once by the main process; returns the shard pattern."""
     with accelerator.main_process_first():
         vae_path = Path(cfg.model.vae)
-        if accelerator.is_main_process and not vae_path.is_absolute() and str(vae_path).startswith("runs/"):
+        if accelerator.is_main_process and stage1_makes(cfg.model.vae):
             from train_vae import ensure_vae
 
             ensure_vae(vae_path, resolution=cfg.model.image_size, sigma_data=cfg.objective.sigma_data)

@@ -29,12 +29,17 @@ def load_run_vae(name_or_path: str, sigma_data: float) -> MMGenVAE:
         raise ConfigError(f"model.vae={name_or_path}: cannot load a VAE ({_one_line(err)})") from err
 
 
+def stage1_makes(vae: str) -> bool:
+    """Whether `model.vae` is stage 1's output for the training script to make (a relative path under runs/)."""
+    return not Path(vae).is_absolute() and str(vae).startswith("runs/")
+
+
 def check_input_paths(cfg: Config) -> None:
     """ConfigError naming the setting of a model input that is meant as a directory and is not there; run
-    before the minutes of data preparation. model.vae under runs/ is stage 1's to make."""
+    before the minutes of data preparation. A model.vae that stage 1 makes is not checked."""
     m = cfg.model
     for key, value in (("init_from", m.init_from), ("init_text_model", m.init_text_model), ("vae", m.vae)):
-        if key == "vae" and not Path(value).is_absolute() and value.startswith("runs/"):
+        if key == "vae" and stage1_makes(value):
             continue
         if value and looks_local(value) and not Path(value).exists():
             raise ConfigError(f"model.{key}={value}: no such directory")

@@ -39,7 +39,8 @@ from PIL import Image
 from transformers.cache_utils import DynamicCache
 
 from mmgen.cli import text_problem
-from mmgen.masks import TokenKind, to_additive
+from mmgen.layout import MODEL_INPUT_KEYS, TokenKind
+from mmgen.masks import to_additive
 from mmgen.sampling import initial_noise, sample
 
 __all__ = [
@@ -58,15 +59,6 @@ __all__ = [
 ]
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-METADATA_KEYS = (
-    "input_ids",
-    "position_ids",
-    "token_kind",
-    "document_ids",
-    "image_ids",
-    "patch_ids",
-    "prefix_end",
-)
 
 
 # ------------------------------------------------------------------------------------------------ parts
@@ -186,10 +178,10 @@ def collate_prompts(
         "patch_ids": -1,
         "prefix_end": -1,
     }
-    batch, offset, images = {k: [] for k in METADATA_KEYS}, 0, []
+    batch, offset, images = {k: [] for k in MODEL_INPUT_KEYS}, 0, []
     for e in encs:
         n = e["input_ids"].shape[1]
-        for k in METADATA_KEYS:
+        for k in MODEL_INPUT_KEYS:
             v = e[k][0].long()
             if k == "image_ids":
                 v = torch.where(v >= 0, v + offset, v)
@@ -361,7 +353,7 @@ def naive_generate_image(
         "patch_ids": torch.arange(N, device=device).expand(B, N),
         "prefix_end": col(L - 1),
     }
-    row = {k: torch.cat([batch[k], copy[k]], dim=1) for k in METADATA_KEYS}  # (B, L + N)
+    row = {k: torch.cat([batch[k], copy[k]], dim=1) for k in MODEL_INPUT_KEYS}  # (B, L + N)
     clean = None
     if M:
         clean = torch.cat([batch["clean_latents"], batch["clean_latents"].new_zeros(B, *shape[1:])])
@@ -499,7 +491,7 @@ def generate_interleaved(
     ]
     cache = DynamicCache(config=cfg.text_config)
     out = model(
-        **{k: batch[k] for k in METADATA_KEYS},
+        **{k: batch[k] for k in MODEL_INPUT_KEYS},
         clean_latents=batch["clean_latents"],
         cache=cache,
         logits_to_keep=1,
@@ -672,7 +664,7 @@ def generate_images_for_prompts(
         batch = collate_prompts(model, processor, [t2i_prompt(prompts[i]) for i in chunk], append_boi=True)
         cache = DynamicCache(config=model.config.text_config)
         model(
-            **{k: batch[k] for k in METADATA_KEYS},
+            **{k: batch[k] for k in MODEL_INPUT_KEYS},
             clean_latents=batch["clean_latents"],
             cache=cache,
             logits_to_keep=1,

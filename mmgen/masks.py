@@ -35,9 +35,9 @@ rows of N image query tokens over (prefix cache of length P + themselves).
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import torch
+
+from mmgen.layout import TokenKind
 
 __all__ = [
     "TokenKind",
@@ -48,16 +48,6 @@ __all__ = [
     "image_token_counts",
     "to_additive",
 ]
-
-
-class TokenKind(IntEnum):
-    """Kind of each token of a packed row. ``<|boi|>`` and ``<|eoi|>`` are TEXT tokens."""
-
-    PAD = 0
-    TEXT = 1
-    IMAGE_CLEAN = 2
-    IMAGE_NOISY = 3
-    IMAGE_TARGET = 4
 
 
 def image_token_counts(token_kind: torch.Tensor) -> dict[str, int]:

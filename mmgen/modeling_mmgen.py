@@ -45,7 +45,8 @@ from mmgen.image_embedding import (
     unet_conv_flops,
     unpatchify,
 )
-from mmgen.masks import TokenKind, build_block_mask, build_dense_mask, build_image_step_mask
+from mmgen.layout import TokenKind
+from mmgen.masks import build_block_mask, build_dense_mask, build_image_step_mask
 from mmgen.tokenization import SpecialIds
 
 

@@ -11,7 +11,7 @@ from modeling_helpers import tiny_config
 from PIL import Image
 
 from mmgen import generation as G
-from mmgen.masks import TokenKind
+from mmgen.layout import MODEL_INPUT_KEYS, TokenKind
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 from mmgen.processing_mmgen import MMGenProcessor
 from mmgen.tokenization import load_tokenizer
@@ -254,7 +254,7 @@ def test_mixed_mode_batch_rows_equal_their_solo_runs(model, processor):
 def _greedy_without_cache(model, batch, latents_after_boi, steps):
     """Greedy decoding recomputing the whole packed row every step; a forced image (given latents) first."""
     cfg, N = model.config, model.config.num_image_tokens
-    row = {k: batch[k][:1] for k in G.METADATA_KEYS}
+    row = {k: batch[k][:1] for k in MODEL_INPUT_KEYS}
     clean = batch["clean_latents"]
     M = 0 if clean is None else clean.shape[0]
 

@@ -35,15 +35,11 @@ from dataclasses import dataclass, field
 import torch
 
 from mmgen.data.image_transforms import image_to_tensor
-from mmgen.masks import TokenKind
+from mmgen.layout import IGNORE_INDEX, METADATA_KEYS, TokenKind
 from mmgen.tokenization import SHAPES_SPECIAL_IDS, SpecialIds
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-METADATA_KEYS = (
-    "input_ids", "position_ids", "token_kind", "document_ids", "image_ids", "patch_ids", "prefix_end", "labels",
-)  # fmt: skip
 COUNTER_KEYS = ("num_documents", "num_truncated_documents", "num_dropped_images", "num_skipped_documents")
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmgen.data.packing import COUNTER_KEYS, METADATA_KEYS
-from mmgen.masks import TokenKind
+from mmgen.data.packing import COUNTER_KEYS
+from mmgen.layout import METADATA_KEYS, TokenKind
 
 MODEL_KEYS = (*METADATA_KEYS, "image_uncond")  # what the packed forward takes from a packer batch
 

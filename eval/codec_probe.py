@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -51,11 +50,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from train_vae import load_vae, render_batch
-
 from mmgen.data.judge import check_spec, judge_image
 from mmgen.data.shapes import COLOURS, SHAPES, TRAIN_COMBOS, sample_scene
+from mmgen.training.vae_stage import load_vae, render_batch
 
 SIGMA_DATA = 0.5
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]  # every colour-shape pair, in class order

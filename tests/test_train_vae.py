@@ -1,27 +1,13 @@
-"""Stage 1 (training/train_vae.py): output layout, latent stats, and the ensure/atomicity rules."""
+"""Stage 1 (mmgen.training.vae_stage, CLI training/train_vae.py): output layout, latent stats, ensure/atomicity."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from mmgen.training import vae_stage as tv
 from mmgen.vae import MMGenVAE
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("train_vae", ROOT / "training" / "train_vae.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_vae"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tv = _load_module()
 TINY = {"steps": 3, "batch_size": 4, "base_channels": 8, "num_stats": 48, "num_eval": 8, "seed": 0}
 DEAD_PID = 2**22 + 12345  # above Linux's default pid_max: never a live process
 
@@ -120,3 +106,13 @@ def test_metrics_report_how_much_hue_survives_a_shrunken_latent(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for split in ("eval_train", "eval_heldout_combos"):
         assert 0.0 <= metrics[split]["hue_kept_at_0.6"] <= 1.0
+
+
+def test_cli_flags_set_the_config_fields_and_a_complete_output_is_not_retrained(run_dir, capsys):
+    from train_helpers import load_script
+
+    cli = load_script("training/train_vae.py")
+    cfg, force = cli.parse_args(["--out", "x", "--downsample-factor", "4", "--no-bf16", "--force"])
+    assert (cfg.out, cfg.downsample_factor, cfg.bf16, force) == ("x", 4, False, True)
+    cli.main(["--out", str(run_dir)])
+    assert "is complete; nothing to do" in capsys.readouterr().out

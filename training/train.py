@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_vae.py beside this file
 
 from mmgen.cli import ArgumentParser, run_cli
 from mmgen.config import Config, ConfigError, load_config, resolve_input_path, save_config_json
@@ -69,7 +68,7 @@ def prepare_inputs(cfg: Config, accelerator) -> str:
     with accelerator.main_process_first():
         vae_path = Path(cfg.model.vae)
         if accelerator.is_main_process and stage1_makes(cfg.model.vae):
-            from train_vae import ensure_vae
+            from mmgen.training.vae_stage import ensure_vae
 
             ensure_vae(vae_path, resolution=cfg.model.image_size, sigma_data=cfg.objective.sigma_data)
         if cfg.data.source == "shapes":

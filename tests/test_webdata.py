@@ -394,15 +394,18 @@ def test_make_shards_shapes_round_trips_the_shapes_world(tmp_path):
         assert meta == json.loads(json.dumps(want["meta"]))
 
 
-def test_make_shards_tasks_writes_only_those_document_kinds(tmp_path):
-    from mmgen.data.make_shards import main
+def test_make_shards_tasks_writes_only_those_document_kinds(tmp_path, capsys):
+    from mmgen.data.make_shards import ShapesSource, main
 
     main(["--source", "shapes", "--num-docs", "12", "--out", str(tmp_path), "--tasks", "t2i", "caption"])
     got = read_all(WebDocuments(str(tmp_path / "train-*.tar"), resolution=32, shuffle=False))
     assert len(got) == 12
     assert {d["meta"]["task"] for d in got} <= {"t2i", "caption"}
     with pytest.raises(ValueError, match="unknown task"):
+        ShapesSource(num_docs=2, tasks=("poem",))
+    with pytest.raises(SystemExit):  # the command line names the flag in one line
         main(["--source", "shapes", "--num-docs", "2", "--out", str(tmp_path / "bad"), "--tasks", "poem"])
+    assert "error: --tasks: unknown task" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_task_mix_changes_only_the_kinds_drawn_and_bad_mixes_name_the_task():

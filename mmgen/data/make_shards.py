@@ -27,6 +27,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import webdataset as wds
 from tqdm import tqdm
@@ -167,6 +168,93 @@ def write_shards(
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShapesSource:
+    """The embedded shapes world: `num_docs` documents of world seed `seed`, rendered at `resolution`.
+
+    tasks: document kinds and their mix, NAME or NAME=WEIGHT (t2i caption vqa multiturn; () = all,
+    mixed by mmgen.data.shapes_docs.TASK_WEIGHTS); max_objects: the most objects in a scene, 1..4;
+    particles: scenes per text-to-image prompt, in one image slot; t2i_max_objects: the most objects
+    in a text-to-image scene (None = max_objects)."""
+
+    num_docs: int
+    seed: int = 0
+    resolution: int = 32
+    tasks: tuple[str, ...] = ()
+    max_objects: int = 4
+    particles: int = 1
+    t2i_max_objects: int | None = None
+
+    def __post_init__(self):
+        if self.num_docs < 0:
+            raise ValueError(f"num_docs must be >= 0, got {self.num_docs}")
+        if not 1 <= self.max_objects <= 4:
+            raise ValueError(f"max_objects must be in 1..4, got {self.max_objects}")
+        if self.particles < 1:
+            raise ValueError(f"particles must be >= 1, got {self.particles}")
+        if self.t2i_max_objects is not None and not 1 <= self.t2i_max_objects <= self.max_objects:
+            raise ValueError(f"t2i_max_objects must be in 1..max_objects, got {self.t2i_max_objects}")
+        if self.tasks:
+            from mmgen.data.shapes_docs import parse_task_weights
+
+            try:
+                parse_task_weights(self.tasks)
+            except ValueError as exn:
+                raise ValueError(f"tasks: {exn}") from None
+
+    def samples(self, split: str, skipped: Counter) -> Iterator[dict]:
+        return iter_shapes_samples(self.num_docs, self.seed, split, self.resolution, list(self.tasks) or None,
+                                   self.max_objects, self.particles, self.t2i_max_objects)
+
+    def manifest_config(self) -> dict:
+        return {**asdict(self), "tasks": list(self.tasks) or None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class JsonlSource:
+    """A JSONL file of documents or pairs; image paths relative to `image_root`."""
+
+    jsonl: str
+    image_root: str = "."
+    num_docs = None  # unknown until read (progress shows no total)
+
+    def samples(self, split: str, skipped: Counter) -> Iterator[dict]:
+        return iter_jsonl_samples(self.jsonl, self.image_root, skipped)
+
+    def manifest_config(self) -> dict:
+        return asdict(self)
+
+
+def make_shards(source: ShapesSource | JsonlSource, out: str | os.PathLike, *, split: str = "train",
+                samples_per_shard: int = 1000) -> dict:
+    """Write `source`'s samples to OUT/{split}-%06d.tar and OUT/{split}-manifest.json; returns the manifest.
+
+    A JSONL source that cannot be read raises OSError before anything is written."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if isinstance(source, JsonlSource):
+        open(source.jsonl, "rb").close()  # checked before anything is written
+    out = os.fspath(out)
+    skipped: Counter = Counter()
+    written = write_shards(source.samples(split, skipped), out, split=split, samples_per_shard=samples_per_shard,
+                           total=source.num_docs)
+    name = "shapes" if isinstance(source, ShapesSource) else "jsonl"
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": name,
+        "split": split,
+        **written,
+        "skipped": dict(sorted(skipped.items())),
+        "config": {"source": name, "split": split, "samples_per_shard": samples_per_shard,
+                   **source.manifest_config()},
+    }
+    with open(os.path.join(out, f"{split}-manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    print(f"wrote {written['num_samples']} samples in {len(written['shards'])} shards to {out}"
+          f" (skipped {sum(skipped.values())})", file=sys.stderr)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", choices=["shapes", "jsonl"], required=True)
@@ -176,8 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-docs", type=int, help="shapes: number of documents")
     parser.add_argument("--seed", type=int, default=0, help="shapes: world seed")
     parser.add_argument("--resolution", type=int, default=32, help="shapes: render size")
-    parser.add_argument("--tasks", nargs="+", help="shapes: the document kinds and their mix, NAME or NAME=WEIGHT "
-                        "(t2i caption vqa multiturn; default all, mixed by mmgen.data.shapes_docs.TASK_WEIGHTS)")
+    parser.add_argument("--tasks", nargs="+", default=(), help="shapes: the document kinds and their mix, NAME or "
+                        "NAME=WEIGHT (t2i caption vqa multiturn; default all, mixed by mmgen.data.shapes_docs.TASK_WEIGHTS)")
     parser.add_argument("--max-objects", type=int, default=4,
                         help="shapes: the most objects in a scene, 1..4 (1: single objects, a curriculum's first stage)")
     parser.add_argument("--particles", type=int, default=1,
@@ -187,54 +275,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jsonl", help="jsonl: input file")
     parser.add_argument("--image-root", default=".", help="jsonl: directory image paths are relative to")
     args = parser.parse_args(argv)
-    if args.samples_per_shard < 1:
-        parser.error("--samples-per-shard must be >= 1")
-    skipped: Counter = Counter()
-    if args.source == "shapes":
-        if args.num_docs is None:
-            parser.error("--source shapes needs --num-docs")
-        if not 1 <= args.max_objects <= 4:
-            parser.error(f"--max-objects must be in 1..4, got {args.max_objects}")
-        if args.particles < 1:
-            parser.error(f"--particles must be >= 1, got {args.particles}")
-        if args.t2i_max_objects is not None and not 1 <= args.t2i_max_objects <= args.max_objects:
-            parser.error(f"--t2i-max-objects must be in 1..--max-objects, got {args.t2i_max_objects}")
-        samples = iter_shapes_samples(args.num_docs, args.seed, args.split, args.resolution, args.tasks,
-                                      args.max_objects, args.particles, args.t2i_max_objects)
-        total = args.num_docs
-    else:
-        if args.jsonl is None:
-            parser.error("--source jsonl needs --jsonl FILE")
-        try:  # checked before anything is written
-            open(args.jsonl, "rb").close()
-        except OSError as exn:
-            parser.exit(2, f"{parser.prog}: error: cannot read --jsonl {args.jsonl}: {exn.strerror}\n")
-        samples, total = iter_jsonl_samples(args.jsonl, args.image_root, skipped), None
-    written = write_shards(
-        samples, args.out, split=args.split, samples_per_shard=args.samples_per_shard, total=total
-    )
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    if args.source == "shapes":
-        config = {k: v for k, v in config.items() if k not in ("jsonl", "image_root")}
-    else:
-        config = {k: v for k, v in config.items()
-                  if k not in ("num_docs", "seed", "resolution", "tasks", "max_objects", "particles", "t2i_max_objects")}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "source": args.source,
-        "split": args.split,
-        **written,
-        "skipped": dict(sorted(skipped.items())),
-        "config": config,
-    }
-    with open(os.path.join(args.out, f"{args.split}-manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    print(
-        f"wrote {written['num_samples']} samples in {len(written['shards'])} shards to {args.out}"
-        f" (skipped {sum(skipped.values())})",
-        file=sys.stderr,
-    )
-    return manifest
+    try:
+        if args.source == "shapes":
+            if args.num_docs is None:
+                parser.error("--source shapes needs --num-docs")
+            source = ShapesSource(num_docs=args.num_docs, seed=args.seed, resolution=args.resolution,
+                                  tasks=tuple(args.tasks), max_objects=args.max_objects, particles=args.particles,
+                                  t2i_max_objects=args.t2i_max_objects)
+        else:
+            if args.jsonl is None:
+                parser.error("--source jsonl needs --jsonl FILE")
+            source = JsonlSource(jsonl=args.jsonl, image_root=args.image_root)
+        if args.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {args.samples_per_shard}")
+    except ValueError as exn:  # a setting out of range, named as its flag
+        parser.error("--" + str(exn).replace("_", "-", 2))
+    try:
+        return make_shards(source, args.out, split=args.split, samples_per_shard=args.samples_per_shard)
+    except OSError as exn:
+        parser.exit(2, f"{parser.prog}: error: cannot read --jsonl {args.jsonl}: {exn.strerror}\n")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int,
                          max_objects: int = 4, particles: int = 1, t2i_max_objects: int | None = None) -> Path:
     """Write the shapes-world training shards once: kept when the manifest says they were made with the
     same settings, rebuilt (with a message) when it says otherwise. `tasks`, `max_objects`, `particles`,
-    `t2i_max_objects`: see `make_shards --tasks / --max-objects / --particles / --t2i-max-objects`."""
-    from mmgen.data import make_shards
+    `t2i_max_objects`: see :class:`mmgen.data.make_shards.ShapesSource`."""
+    from mmgen.data.make_shards import ShapesSource, make_shards
 
     out = Path(out_dir)
     manifest = out / "train-manifest.json"
@@ -57,12 +57,9 @@ def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int,
         manifest.unlink()
     for shard in out.glob("train-*.tar"):  # of other settings, or of a build that was interrupted
         shard.unlink()
-    make_shards.main([
-        "--source", "shapes", "--num-docs", str(num_docs), "--out", str(out), "--split", "train",
-        "--seed", str(seed), "--resolution", str(resolution), "--samples-per-shard", str(samples_per_shard),
-        *(["--tasks", *tasks] if tasks else []), "--max-objects", str(max_objects), "--particles", str(particles),
-        *(["--t2i-max-objects", str(t2i_max_objects)] if t2i_max_objects is not None else []),
-    ])  # fmt: skip
+    source = ShapesSource(num_docs=num_docs, seed=seed, resolution=resolution, tasks=tuple(tasks),
+                          max_objects=max_objects, particles=particles, t2i_max_objects=t2i_max_objects)
+    make_shards(source, out, split="train", samples_per_shard=samples_per_shard)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The browser chat (`mmgen-chat --web`): a Gradio app around `mmgen.chat.ChatSession`.
+"""The browser chat (`mmgen-chat --web`): a Gradio app around `mmgen.chat_session.ChatSession`.
 
 Layout: a chat box (streaming text, generated images inline), a multimodal input (text + image upload),
 a settings panel (steps, guidance, seed, temperature, "start the reply with an image"), and a gallery of
@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmgen.chat import ChatError, ChatSession, Settings
+from mmgen.chat_session import ChatError, ChatSession, Settings
 
 _EMPTY_INPUT = {"text": "", "files": []}
 
@@ -30,13 +30,6 @@ def session_factory(template: ChatSession) -> Callable[[], ChatSession]:
                            model_name=template.model_name)  # fmt: skip
 
     return make
-
-
-def _plain(value) -> str:
-    """Slider/Number values arrive as floats; whole numbers are passed on as ints ("4", not "4.0")."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
 
 
 def _file_path(f) -> str:
@@ -69,7 +62,7 @@ def respond(message, history, steps, guidance, seed, temperature, force_image, s
             ("seed", seed),
             ("temperature", temperature),
         ):
-            session.set(name, _plain(value))
+            session.settings.change(name, value)  # slider values arrive as floats
         for f in files:
             session.attach(f)
         events = session.reply(text, force_image=bool(force_image))

@@ -16,16 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgen.chat import (
-    MAX_IMAGE_PIXELS,
-    ChatError,
-    ChatSession,
-    Settings,
-    Terminal,
-    inline_image_protocol,
-    inline_image_sequence,
-    load_image,
-)
+from mmgen.chat_session import MAX_IMAGE_PIXELS, ChatError, ChatSession, Settings, load_image
+from mmgen.chat_terminal import Terminal, inline_image_protocol, inline_image_sequence
 from mmgen.configuration_mmgen import TINY_LLAMA_KWARGS, MMGenConfig
 from mmgen.generation import TextDelta, generate_interleaved
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration

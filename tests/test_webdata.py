@@ -375,7 +375,7 @@ def test_make_shards_from_jsonl_via_command_line(tmp_path):
 
 def test_make_shards_shapes_round_trips_the_shapes_world(tmp_path):
     from mmgen.data.make_shards import main
-    from mmgen.data.shapes import iter_documents
+    from mmgen.data.shapes_docs import iter_documents
 
     manifest = main(["--source", "shapes", "--num-docs", "6", "--out", str(tmp_path), "--split", "heldout",
                      "--seed", "4", "--resolution", "32", "--samples-per-shard", "4"])  # fmt: skip
@@ -452,7 +452,7 @@ def test_max_objects_limits_every_scene_and_older_manifests_mean_four(tmp_path, 
     many objects; shards whose manifest predates the setting count as max_objects 4 and are kept."""
     import json
 
-    from mmgen.data.shapes import iter_documents
+    from mmgen.data.shapes_docs import iter_documents
     from mmgen.training.data import ensure_shapes_shards
 
     counts = {m: [len(s["objects"]) for d in iter_documents(120, seed=3, max_objects=m) for s in d["meta"]["scenes"]]
@@ -479,7 +479,7 @@ def test_max_objects_limits_every_scene_and_older_manifests_mean_four(tmp_path, 
 
 def test_slots_with_several_samples_round_trip_through_shards(tmp_path):
     from mmgen.data.make_shards import main
-    from mmgen.data.shapes import iter_documents
+    from mmgen.data.shapes_docs import iter_documents
 
     main(["--source", "shapes", "--num-docs", "4", "--out", str(tmp_path), "--seed", "2", "--tasks", "t2i",
           "--particles", "3"])  # fmt: skip

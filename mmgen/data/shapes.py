@@ -61,14 +61,6 @@ REL_MARGIN = 0.08  # keep |score - 0.5| >= this for every pair (no borderline re
 SUPERSAMPLE = 8
 
 
-def __getattr__(name):  # documents live in shapes_docs.py (file size); reachable from here too
-    if name in ("iter_documents", "make_document", "grammar_corpus"):
-        from mmgen.data import shapes_docs
-
-        return getattr(shapes_docs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class ShapeObject:
     shape: str

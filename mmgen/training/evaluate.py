@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 
 from mmgen.data.judge import score_caption, score_t2i
-from mmgen.data.shapes import Scene, iter_documents, render
+from mmgen.data.shapes import Scene, render
+from mmgen.data.shapes_docs import iter_documents
 
 TEST_SEED = 1_000_003  # scenes and seeds never used by the training shards (which use data.seed)
 _CHAT = re.compile(r"^<\|user\|>(?P<user>.*?)<\|end\|><\|assistant\|>$", re.DOTALL)

@@ -184,7 +184,7 @@ def _decode_pair(sample, caption: Any, meta: dict, resolution, pair_order: str, 
     image = decode_image(sample[exts[0]], resolution)
     text, img = {"text": caption}, {"image": image}
     segments = [text, img] if pair_order == "text_image" else [img, text]
-    return {"segments": segments, "meta": meta}
+    return {"segments": segments, "meta": {**meta, "_pair": pair_order}}  # "_pair": mmgen.data.pairs rewrites it
 
 
 def decode_sample(
@@ -197,7 +197,8 @@ def decode_sample(
     """A grouped webdataset sample (member suffix -> bytes) -> document (CONTRACTS.md §5).
 
     resolution: resize + centre-crop every image to this square size (None keeps the size).
-    pair_order: "text_image" (caption then image, for text->image) or "image_text" (captioning).
+    pair_order: "text_image" (caption then image, for text->image) or "image_text" (captioning); a pair's meta
+    says so in "_pair" (`mmgen.data.pairs.PairFormat` rewrites pairs as chats in a drawn direction).
     max_text_chars: longest text or caption accepted (None: no bound).
     Raises SampleError with the kind of problem; the caller adds shard and key to the message.
     """

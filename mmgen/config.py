@@ -97,12 +97,20 @@ class DataSection:
     # condition; the prompt is computed once for all of them)
     particles: int = 1
     t2i_max_objects: int | None = None  # source=shapes: the most objects in a text-to-image scene (None = max_objects)
+    # image-caption pairs (img2dataset shards) become chats: this share caption -> image, the rest image -> caption
+    # (mmgen.data.pairs; 0.8 is Transfusion's share, Zhou et al. 2024)
+    pair_text_to_image: float = 0.8
+    max_caption_tokens: int | None = None  # a longer pair caption is cut (None: what leaves its image room in a row)
 
     def __post_init__(self):
         if self.prefetch < 0 or self.num_workers < 0:
             raise ConfigError(f"data.prefetch and data.num_workers must be >= 0, got {self.prefetch}, {self.num_workers}")
         if self.t2i_max_objects is not None and not 1 <= self.t2i_max_objects <= self.max_objects:
             raise ConfigError(f"data.t2i_max_objects must be in 1..data.max_objects, got {self.t2i_max_objects}")
+        if not 0.0 <= self.pair_text_to_image <= 1.0:
+            raise ConfigError(f"data.pair_text_to_image must be in [0, 1], got {self.pair_text_to_image}")
+        if self.max_caption_tokens is not None and self.max_caption_tokens < 1:
+            raise ConfigError(f"data.max_caption_tokens must be >= 1 (or null), got {self.max_caption_tokens}")
         if self.particles < 1:
             raise ConfigError(f"data.particles must be >= 1, got {self.particles}")
         if not 1 <= self.max_objects <= 4:

@@ -1,5 +1,6 @@
 """MMGenProcessor: chat/segments/text -> single-document model inputs, image pre/post-processing, save/load."""
 
+import io
 import json
 from pathlib import Path
 
@@ -103,6 +104,41 @@ def test_images_are_resized_and_centre_cropped_to_minus_one_one(processor):
     assert torch.equal(x[0], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, SIZE, SIZE))
     big = processor.preprocess_images([solid((255, 255, 255), (4 * SIZE, 2 * SIZE))])
     assert big.shape == (1, 3, SIZE, SIZE) and torch.allclose(big, torch.ones_like(big), atol=1e-6)
+
+
+def test_processor_reads_images_of_any_mode_and_orientation_as_the_shard_reader_does(processor):
+    """A user's PIL image (RGBA, LA, transparent P, CMYK, 16-bit grey, EXIF-rotated, odd sizes) becomes the
+    same tensor as the same image read from a shard: one conversion for both paths."""
+    from mmgen.data.sample_format import decode_image
+
+    def saved(image, **kwargs):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG" if image.mode != "CMYK" else "JPEG", **kwargs)
+        return buffer.getvalue()
+
+    rotated = Image.new("RGB", (2 * SIZE, SIZE), (255, 0, 0))
+    rotated.paste((0, 255, 0), (0, 0, SIZE, SIZE))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # lying down on disk; viewed, the green half is on top
+    palette = Image.new("P", (SIZE, SIZE))
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    files = [
+        saved(Image.new("RGBA", (SIZE + 3, SIZE), (0, 255, 0, 128))),
+        saved(Image.new("LA", (SIZE, 2 * SIZE + 1), (200, 0))),
+        saved(palette, transparency=0),
+        saved(Image.new("CMYK", (SIZE, SIZE), (0, 255, 255, 0))),
+        saved(Image.fromarray(np.full((SIZE, 3 * SIZE), 40000, dtype=np.uint16))),
+        saved(rotated, exif=exif),
+    ]
+    for data in files:
+        opened = Image.open(io.BytesIO(data))  # what a user passes: the file as PIL opens it
+        expected = np.asarray(decode_image(data, SIZE), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+        got = processor.preprocess_images([opened])[0].permute(1, 2, 0).numpy()
+        assert np.allclose(got, expected, atol=1e-6), opened.mode
+    transparent = processor.preprocess_images([Image.open(io.BytesIO(files[0]))])[0]
+    assert transparent[:, 0, 0].tolist() == pytest.approx([-1.0, 1 / 127.5 * 128 - 1.0, -1.0], abs=1 / 127.5)
+    upright = processor.preprocess_images([Image.open(io.BytesIO(files[-1]))])[0]
+    assert upright[:, 0, SIZE // 2].tolist() == [-1.0, 1.0, -1.0] and upright[:, -1, SIZE // 2].tolist() == [1.0, -1.0, -1.0]
 
 
 def test_postprocess_inverts_preprocess_exactly(processor):

@@ -240,6 +240,41 @@ def test_a_cmyk_jpeg_arrives_in_its_colours(tmp_path):
     assert red[0] > 240 and red[1] < 15 and red[2] < 15
 
 
+def _rotated_left_on_disk(fmt: str) -> bytes:
+    """An 16x8 image, green left half and red right half, saved lying down with EXIF orientation 6 ("turn 90
+    degrees clockwise to view"), as a phone held upright writes it: viewed, it is 8x16, green on top."""
+    image = Image.new("RGB", (16, 8), (255, 0, 0))
+    image.paste((0, 255, 0), (0, 0, 8, 8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    return _saved(image, fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied(tmp_path, fmt):
+    url = write_members(tmp_path / "a.tar", [("img.png", _rotated_left_on_disk(fmt)), ("img.txt", b"upright")])
+    docs, _, _ = read(url)
+    image = docs[0]["segments"][1]["image"]
+    assert image.size == (8, 16)
+    green, red = image.getpixel((4, 3)), image.getpixel((4, 12))
+    assert green[1] > 200 > green[0] and red[0] > 200 > red[1]
+
+
+@pytest.mark.parametrize("size", [(7, 33), (33, 7), (1, 300), (31, 31), (97, 64)])
+def test_any_size_and_aspect_becomes_the_resolution_by_shorter_side_and_centre_crop(tmp_path, size):
+    """Red with a green middle third across the long side: the crop is centred on it."""
+    w, h = size
+    image = Image.new("RGB", size, (255, 0, 0))
+    if w != h:
+        image.paste((0, 255, 0), (w // 3, 0, w - w // 3, h) if w > h else (0, h // 3, w, h - h // 3))
+    url = write_members(tmp_path / "a.tar", [("img.jpg", _saved(image, "JPEG", quality=100)), ("img.txt", b"x")])
+    reader = WebDocuments(url, resolution=8, shuffle=False)
+    out = next(iter(reader))["segments"][1]["image"]
+    assert out.size == (8, 8)
+    centre = out.getpixel((4, 4))
+    assert (centre[1] > 200 > centre[0]) if w != h else (centre[0] > 200 > centre[1])
+
+
 # ---------------------------------------------------------------------------------------- resume, stream
 
 

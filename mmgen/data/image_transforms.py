@@ -4,13 +4,38 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera writes instead of rotating the pixels
+BACKGROUND = (0, 0, 0)  # transparency is composited on black, the background of the shapes world
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16/32-bit grey (a 16-bit PNG opens as "I;16" or "I") -> "L", scaled: PIL's convert clips at 255."""
+    values = np.asarray(image).astype(np.int64).clip(0, 65535)  # (H, W)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> RGB as it is meant to be seen: EXIF orientation applied, 16/32-bit grey scaled to 8 bits,
+    transparency (RGBA, LA, PA, P with a transparent index) composited on BACKGROUND, other modes (CMYK, L, 1,
+    P, YCbCr) by PIL's conversion. An upright RGB image is returned as is (no copy, pixels untouched)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        image = _to_8_bit(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (*BACKGROUND, 255)), image)
+    return image.convert("RGB")
 
 
 def resize_center_crop_image(image: Image.Image, image_size: int) -> Image.Image:
-    """RGB, shorter side resized to `image_size` (bicubic), centre square cropped. Exact no-op at the target size,
-    so the shapes world's palette colours survive untouched."""
-    image = image.convert("RGB") if image.mode != "RGB" else image
+    """`to_rgb`, then the shorter side resized to `image_size` (bicubic) and the centre square cropped. Exact no-op
+    on an upright RGB image at the target size, so the shapes world's palette colours survive untouched."""
+    image = to_rgb(image)
     w, h = image.size
     if (w, h) == (image_size, image_size):
         return image

@@ -39,10 +39,9 @@ import json
 import re
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from mmgen.data.image_transforms import resize_center_crop_image
+from mmgen.data.image_transforms import resize_center_crop_image, to_rgb
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 PROBLEMS = ("bad_json", "bad_image", "missing_image", "bad_text", "text_too_long", "duplicate_member",
@@ -78,25 +77,13 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return resize_center_crop_image(image, resolution)
 
 
-def _to_8_bit(image: Image.Image) -> Image.Image:
-    """16/32-bit grey (a 16-bit PNG opens as "I;16" or "I") -> "L", scaled: PIL's convert clips at 255."""
-    values = np.asarray(image).astype(np.int64).clip(0, 65535)  # (H, W)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
-
-
 def decode_image(data: bytes, resolution: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image (optionally resized + centre-cropped); raises SampleError('bad_image')."""
+    """Bytes -> RGB PIL image (`to_rgb`: EXIF orientation, modes, transparency on black; optionally resized +
+    centre-cropped); raises SampleError('bad_image')."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # forces the full decode, so truncated files fail here and not later
-        if image.mode.startswith("I"):
-            image = _to_8_bit(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # Composite transparency on black, the background of the shapes world.
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")  # CMYK, L, 1, P, YCbCr: PIL's own conversions
+        image = to_rgb(image)
     except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SampleError("bad_image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
     if resolution is not None:
@@ -197,7 +184,7 @@ def _decode_pair(sample, caption: Any, meta: dict, resolution, pair_order: str, 
     image = decode_image(sample[exts[0]], resolution)
     text, img = {"text": caption}, {"image": image}
     segments = [text, img] if pair_order == "text_image" else [img, text]
-    return {"segments": segments, "meta": meta}
+    return {"segments": segments, "meta": {**meta, "_pair": pair_order}}  # "_pair": mmgen.data.pairs rewrites it
 
 
 def decode_sample(
@@ -210,7 +197,8 @@ def decode_sample(
     """A grouped webdataset sample (member suffix -> bytes) -> document (CONTRACTS.md §5).
 
     resolution: resize + centre-crop every image to this square size (None keeps the size).
-    pair_order: "text_image" (caption then image, for text->image) or "image_text" (captioning).
+    pair_order: "text_image" (caption then image, for text->image) or "image_text" (captioning); a pair's meta
+    says so in "_pair" (`mmgen.data.pairs.PairFormat` rewrites pairs as chats in a drawn direction).
     max_text_chars: longest text or caption accepted (None: no bound).
     Raises SampleError with the kind of problem; the caller adds shard and key to the message.
     """

@@ -91,6 +91,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from mmgen.cli import UsageError
+from mmgen.data.pairs import PairFormat
 from mmgen.data.sample_format import MAX_TEXT_CHARS, PROBLEMS, SampleError, decode_sample
 
 STATE_VERSION = 1
@@ -114,8 +115,9 @@ class TarDamage(Exception):
 
 
 # samples: tar samples read, good or bad; documents: delivered; tar_errors: shards cut short or
-# unreadable; then one counter per sample problem (meanings: mmgen.data.sample_format).
-COUNTERS = ("samples", "documents", "tar_errors", *PROBLEMS)
+# unreadable; captions_cut: pair captions cut to their token budget (delivered); then one counter per
+# sample problem (meanings: mmgen.data.sample_format).
+COUNTERS = ("samples", "documents", "tar_errors", "captions_cut", *PROBLEMS)
 MAX_LOCAL_WORKERS = 64
 
 
@@ -249,7 +251,8 @@ class WebDocuments(torch.utils.data.IterableDataset):
     urls: see `expand_shards`. resolution: square image size after resize + centre crop (None keeps
     sizes). shuffle: permute shards per epoch. seed: for that permutation / resampling.
     epochs: number of epochs (None = forever). resampled: draw shards with replacement.
-    pair_order: "text_image" | "image_text" for caption pairs.
+    pair_order: "text_image" | "image_text" for caption pairs, kept without chat roles when pairs=None.
+    pairs: write each pair as a chat in a direction drawn per sample and epoch (`mmgen.data.pairs`).
     max_text_chars: a sample with a longer text or caption is skipped (`text_too_long`; None: no bound).
     """
 
@@ -264,12 +267,13 @@ class WebDocuments(torch.utils.data.IterableDataset):
         resampled: bool = False,
         pair_order: str = "text_image",
         max_text_chars: int | None = MAX_TEXT_CHARS,
+        pairs: PairFormat | None = None,
     ):
         super().__init__()
         self.urls = expand_shards(urls)
         self.resolution, self.shuffle, self.seed = resolution, shuffle, seed
         self.epochs, self.resampled, self.pair_order = epochs, resampled, pair_order
-        self.max_text_chars = max_text_chars
+        self.max_text_chars, self.pairs = max_text_chars, pairs
         self._base = self._empty_state()
         self._observed: dict[
             int, tuple[tuple[int, int], tuple[int, int, int]]
@@ -402,6 +406,8 @@ class WebDocuments(torch.utils.data.IterableDataset):
                     documents += 1
                     position = (epoch, k, offset)
                     doc["meta"]["_wds"].update(worker=gid, topology=list(topology), position=list(position))
+                    if self.pairs is not None and self.pairs.apply(doc, epoch):
+                        self._count(worker, "captions_cut")
                     if in_main:
                         self._observed[gid] = (topology, position)
                     yield doc
@@ -532,17 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-documents", type=int, default=None)
     args = parser.parse_args(argv)
     for num_workers in args.num_workers:
-        print(
-            json.dumps(
-                bench(
-                    args.bench,
-                    num_workers=num_workers,
-                    batch_size=args.batch_size,
-                    resolution=args.resolution,
-                    max_documents=args.max_documents,
-                )
-            )
-        )
+        print(json.dumps(bench(args.bench, num_workers=num_workers, batch_size=args.batch_size,
+                               resolution=args.resolution, max_documents=args.max_documents)))
 
 
 if __name__ == "__main__":

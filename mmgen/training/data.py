@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
+from mmgen.config import DataSection
 from mmgen.data.packing import COUNTER_KEYS, DocumentPacker, PackingConfig
+from mmgen.data.pairs import PairFormat, row_caption_budget
 from mmgen.data.webdata import NoDocumentsError, WebDocuments
 
 
@@ -67,11 +69,18 @@ class TrainStream:
     """Batches for this process; `state_dict()` / `load_state_dict()` give exact resume."""
 
     def __init__(self, urls, tokenizer, packing: PackingConfig, *, batch_size: int, seed: int,
-                 num_workers: int = 0, prefetch: int = 0):
+                 num_workers: int = 0, prefetch: int = 0, pair_text_to_image: float = DataSection.pair_text_to_image,
+                 max_caption_tokens: int | None = None):
+        """pair_text_to_image: share of image-caption pairs read caption first, the rest image first (as chats,
+        `mmgen.data.pairs`); max_caption_tokens: longer pair captions are cut (None: what leaves the image its
+        room in a row)."""
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
         self.urls = urls
-        self.reader = WebDocuments(urls, resolution=packing.image_size, shuffle=True, seed=seed, epochs=None)
+        budget = row_caption_budget(tokenizer, packing) if max_caption_tokens is None else max_caption_tokens
+        pairs = PairFormat(pair_text_to_image, seed, budget, tokenizer if budget is not None else None)
+        self.reader = WebDocuments(urls, resolution=packing.image_size, shuffle=True, seed=seed, epochs=None,
+                                   pairs=pairs)
         self.packer = DocumentPacker(tokenizer, packing, batch_size=batch_size, drop_last=True)
         self.num_workers = num_workers
         self.prefetch = prefetch

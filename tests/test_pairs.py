@@ -131,6 +131,14 @@ def test_a_train_stream_reads_pairs_as_both_directions(tmp_path, tok):
     assert batch["token_kind"].eq(TokenKind.IMAGE_NOISY).any()  # images drawn from their caption
 
 
+def test_a_runs_data_section_reaches_the_readers_pair_format(tmp_path, tok):
+    url = write_pairs(tmp_path / "a.tar", range(4))
+    data = DataSection(batch_size=2, pair_text_to_image=0.25, max_caption_tokens=7)
+    stream = TrainStream.from_config(url, tok, ASSISTANT_ONLY, data, seed=3)
+    pairs = stream.reader.pairs
+    assert (pairs.text_to_image, pairs.max_caption_tokens, pairs.seed) == (0.25, 7, 3)
+
+
 def test_pair_settings_are_checked():
     with pytest.raises(ConfigError, match="data.pair_text_to_image"):
         DataSection(pair_text_to_image=1.5)

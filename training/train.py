@@ -144,8 +144,7 @@ def train(argv: list[str]) -> None:
                             image_loss=cfg.data.loss_on,
                             special_ids=processor.special_ids)
     try:
-        stream = TrainStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
-                             num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
+        stream = TrainStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed)
     except FileNotFoundError as err:  # a shard pattern that matches nothing
         raise ConfigError(f"data.shards: {err}") from err
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout

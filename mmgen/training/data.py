@@ -93,6 +93,13 @@ class TrainStream:
         self._batches: Iterator[dict] | None = None
         self._shards: set = set()  # shards this process has read from (logged: ranks read disjoint shards)
 
+    @classmethod
+    def from_config(cls, urls, tokenizer, packing: PackingConfig, data: DataSection, seed: int) -> TrainStream:
+        """The stream a run's `data` section asks for (batch size, workers, prefetch, the pairs' format)."""
+        return cls(urls, tokenizer, packing, batch_size=data.batch_size, seed=seed, num_workers=data.num_workers,
+                   prefetch=data.prefetch, pair_text_to_image=data.pair_text_to_image,
+                   max_caption_tokens=data.max_caption_tokens)
+
     @property
     def shards_read(self) -> list:
         if self._received is not None:

@@ -244,6 +244,30 @@ def test_resume_from_dataloader_workers(tmp_path, resumed_workers):
     assert Counter(head + rest) == Counter({f"s{s}k{j}": 1 for s in range(5) for j in range(6)})
 
 
+def test_each_worker_resumes_in_its_own_share_of_the_epoch(tmp_path, monkeypatch):
+    """Worker 0 has finished its first shard and worker 1 has not: after the resume each worker still
+    reads the rest of the shards it had, in the uninterrupted order (what a worker that packs its own
+    batches needs for the same batches)."""
+    urls = write_docs(tmp_path, num_shards=5, per_shard=4)
+    monkeypatch.setenv("NUM_WORKERS", "2")
+
+    def worker_docs(state, worker):
+        monkeypatch.setenv("WORKER", str(worker))
+        reader = WebDocuments(urls, shuffle=True, seed=2, epochs=1)
+        if state is not None:
+            reader.load_state_dict(state)
+        return list(reader)
+
+    full = {w: worker_docs(None, w) for w in (0, 1)}
+    assert [len(full[w]) for w in (0, 1)] == [12, 8]  # shards 1, 3, 5 and 2, 4 of the shuffled order
+    consumed = {0: 6, 1: 2}
+    book = WebDocuments(urls, shuffle=True, seed=2, epochs=1)
+    book.observe([full[w][n - 1] for w, n in consumed.items()])
+    state = json.loads(json.dumps(book.state_dict()))
+    for w, n in consumed.items():
+        assert keys(worker_docs(state, w)) == keys(full[w][n:])
+
+
 def test_state_from_other_settings_is_refused(tmp_path):
     urls = write_docs(tmp_path, num_shards=2, per_shard=2)
     state = WebDocuments(urls, seed=1).state_dict()

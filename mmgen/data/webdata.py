@@ -57,7 +57,8 @@ Resume guarantee. `state_dict()` describes exactly the observed samples: for eac
 shards finished and, for shards in progress, how many tar samples were consumed. A reader given
 that state via `load_state_dict` reads every remaining sample of the stream exactly once: nothing
 observed is repeated and nothing unobserved is skipped, whatever the new number of nodes/workers
-(with the same topology the order is also the uninterrupted one; after a change it may differ).
+(with the same topology each worker reads the rest of its own share in the uninterrupted order;
+after a change the order may differ).
 This is stronger than "within one shard". Samples a worker produced but the trainer never observed
 (DataLoader prefetch) count as unread and come again after the restart. In resampled mode positions
 are per worker, so a restart with a different number of workers starts a fresh epoch (sampling with
@@ -237,6 +238,15 @@ def collate_documents(batch: list[dict]) -> list[dict]:
     return batch
 
 
+def _with_skipped(counts: torch.Tensor) -> dict[str, int]:
+    totals = dict(zip(COUNTERS, counts.tolist()))
+    return {**totals, "skipped": totals["tar_errors"] + sum(totals[p] for p in PROBLEMS)}
+
+
+def _unread(items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(g, start) for g, start in items if start >= 0]
+
+
 def _split(items: list, topology: tuple[int, int], gid: int) -> list:
     """What webdataset.split_by_node then split_by_worker give global worker `gid` (checked in tests)."""
     world, num_workers = topology
@@ -298,7 +308,9 @@ class WebDocuments(torch.utils.data.IterableDataset):
         }
 
     def _epoch_items(self, epoch: int) -> list[tuple[int, int]]:
-        """(shard index, start offset) still to read in `epoch` (non-resampled), before splitting."""
+        """(shard index, start offset) of every shard of `epoch` (non-resampled) in visiting order, before
+        splitting; start -1 marks a shard already read. Splitting the whole order, not what is left of it,
+        keeps each worker's share of an epoch the same after a resume."""
         base = self._base
         if epoch < base["epoch"]:
             return []
@@ -307,7 +319,7 @@ class WebDocuments(torch.utils.data.IterableDataset):
             random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
         done = set(base["done"].get(str(epoch), []))
         partial = base["partial"].get(str(epoch), {})
-        return [(g, partial.get(str(g), 0)) for g in order if g not in done]
+        return [(g, -1 if g in done else partial.get(str(g), 0)) for g in order]
 
     def _resampled_items(self, epoch: int, topology: tuple[int, int], gid: int) -> list[tuple[int, int]]:
         total = topology[0] * topology[1]
@@ -336,7 +348,7 @@ class WebDocuments(torch.utils.data.IterableDataset):
     def _worker_items(self, epoch: int, topology: tuple[int, int], gid: int) -> list[tuple[int, int]]:
         if self.resampled:
             return self._resampled_items(epoch, topology, gid)
-        return _split(self._epoch_items(epoch), topology, gid)
+        return _unread(_split(self._epoch_items(epoch), topology, gid))
 
     # -------------------------------------------------------------------------- iteration
 
@@ -396,9 +408,10 @@ class WebDocuments(torch.utils.data.IterableDataset):
         empty_epochs = 0
         while self.epochs is None or epoch < self.epochs:
             if self.resampled:
-                items = self._resampled_items(epoch, topology, gid)
+                share = items = self._resampled_items(epoch, topology, gid)
             else:  # the real webdataset splitters, so torch.distributed groups are honoured
-                items = list(wds.split_by_worker(wds.split_by_node(self._epoch_items(epoch))))
+                share = list(wds.split_by_worker(wds.split_by_node(self._epoch_items(epoch))))
+                items = _unread(share)
             before = documents
             for k, (g, start) in enumerate(items):
                 for offset, doc in self._read_shard(self.urls[g], start, worker):
@@ -412,7 +425,9 @@ class WebDocuments(torch.utils.data.IterableDataset):
                         self._observed[gid] = (topology, position)
                     yield doc
             # Guard against a silent busy loop when every shard of this worker is bad (or it has none).
-            empty_epochs = empty_epochs + 1 if epoch > first and documents == before else 0
+            # (an epoch this worker had finished before a resume is not empty)
+            finished = bool(share) and not items
+            empty_epochs = empty_epochs + 1 if epoch > first and documents == before and not finished else 0
             if self.epochs is None and empty_epochs >= (10 if self.resampled else 1):
                 warnings.warn(
                     f"worker {gid}: {empty_epochs} whole epoch(s) gave no document "
@@ -433,8 +448,11 @@ class WebDocuments(torch.utils.data.IterableDataset):
     @property
     def stats(self) -> dict[str, int]:
         """`COUNTERS` and "skipped" of this process and its DataLoader workers, live (module docstring)."""
-        totals = dict(zip(COUNTERS, self._counters.sum(dim=0).tolist()))
-        return {**totals, "skipped": totals["tar_errors"] + sum(totals[p] for p in PROBLEMS)}
+        return _with_skipped(self._counters.sum(dim=0))
+
+    def worker_stats(self, worker: int) -> dict[str, int]:
+        """`stats` of one local DataLoader worker (0: the process itself when it has no workers), live."""
+        return _with_skipped(self._counters[worker])
 
     # ---------------------------------------------------------------------------- state
 

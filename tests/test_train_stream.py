@@ -1,5 +1,6 @@
-"""The trainer's stream (mmgen/training/data.py): prefetching packs ahead in a thread, yet yields the same
-batches as the plain stream and checkpoints the state of what the trainer received, so resume is exact."""
+"""The trainer's stream (mmgen/training/data.py): DataLoader workers read and pack whole batches and a
+prefetch thread takes batches ahead, yet a checkpoint is the state of what the trainer received, so resume
+is exact."""
 
 import json
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmgen.cli import UsageError
 from mmgen.data.make_shards import main as make_shards
 from mmgen.data.packing import PackingConfig
 from mmgen.tokenization import load_tokenizer
@@ -30,8 +32,8 @@ def tokenizer():
     return load_tokenizer(str(TOKENIZER))
 
 
-def _stream(shards, tokenizer, prefetch):
-    return TrainStream(shards, tokenizer, PACKING, batch_size=2, seed=0, prefetch=prefetch)
+def _stream(shards, tokenizer, prefetch, num_workers=0):
+    return TrainStream(shards, tokenizer, PACKING, batch_size=2, seed=0, prefetch=prefetch, num_workers=num_workers)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -46,7 +48,7 @@ def test_prefetching_stream_yields_the_plain_batches_and_checkpoints_what_was_re
         deadline = time.monotonic() + 30  # let the thread fill its queue: it has then packed past batch 4
         while not ahead._queue.full() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert ahead._queue.full() and ahead.packer.resume_index > plain.packer.resume_index
+        assert ahead._queue.full() and ahead.reader.stats["documents"] > plain.reader.stats["documents"]
         assert ahead.state_dict() == plain.state_dict()  # ... but the checkpoint is that of batch 4
         assert ahead.stats == plain.stats
         state = ahead.state_dict()
@@ -64,17 +66,65 @@ def test_prefetching_stream_yields_the_plain_batches_and_checkpoints_what_was_re
 def test_prefetch_thread_errors_reach_the_trainer(shards, tokenizer, tmp_path):
     stream = _stream(shards, tokenizer, 2)
 
-    def broken(documents):
+    def broken():
         raise ValueError("document 7 of shard x: bad segment")
         yield
 
-    stream.packer.iter_batches = broken
+    stream.batches.reader = broken()
     with pytest.raises(ValueError, match="document 7"):
         next(stream)
     with pytest.raises(RuntimeError, match="closed"):  # not a hang on a queue nobody fills
         next(stream)
     with pytest.raises(ValueError, match="prefetch"):
         _stream(shards, tokenizer, -1)
+
+
+@pytest.mark.parametrize("num_workers,prefetch", [(0, 0), (2, 0), (2, 2)])
+def test_workers_pack_batches_that_a_resumed_stream_continues_exactly(shards, tokenizer, num_workers, prefetch):
+    """34 batches, a checkpoint (with two workers: one in the second epoch, the other still in the first),
+    12 more: the resumed stream yields the uninterrupted stream's batches, and the packer counters continue
+    over the checkpoint."""
+    whole = _stream(shards, tokenizer, prefetch, num_workers)
+    try:
+        expected = [next(whole) for _ in range(46)]
+    finally:
+        whole.close()
+    head = _stream(shards, tokenizer, prefetch, num_workers)
+    try:
+        for want in expected[:34]:
+            assert _same(want, next(head))
+        state = json.loads(json.dumps(head.state_dict()))
+        assert head.stats["num_documents"] == sum(b["num_documents"] for b in expected[:34])
+    finally:
+        head.close()
+    resumed = _stream(shards, tokenizer, prefetch, num_workers)
+    resumed.load_state_dict(state)
+    try:
+        for want in expected[34:]:
+            assert _same(want, next(resumed))
+        assert resumed.stats["num_documents"] == sum(b["num_documents"] for b in expected)
+    finally:
+        resumed.close()
+
+
+def test_two_workers_take_turns_on_disjoint_shards(shards, tokenizer):
+    """Shards of 30 documents; two batches hold about 12 of them."""
+    alone, pair = _stream(shards, tokenizer, 0), _stream(shards, tokenizer, 0, num_workers=2)
+    try:
+        next(pair)
+        assert len(pair.shards_read) == 1
+        next(pair)
+        assert len(pair.shards_read) == 2  # the second batch is the other worker's, from its own shard
+        next(alone), next(alone)
+        assert len(alone.shards_read) == 1
+    finally:
+        pair.close()
+
+
+def test_resuming_with_another_number_of_workers_is_refused_naming_the_setting(shards, tokenizer):
+    state = _stream(shards, tokenizer, 0, num_workers=2).state_dict()
+    with pytest.raises(UsageError, match=r"data\.num_workers=2 .* has 0"):
+        _stream(shards, tokenizer, 0).load_state_dict(state)
 
 
 def test_stream_benchmark_writes_one_row_per_setting(shards, tmp_path):

@@ -293,21 +293,46 @@ def test_resume_after_bad_samples_continues_exactly(tmp_path):
     assert resumed.stats["bad_json"] == 1 and resumed.stats["duplicate_member"] == 0
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_a_train_stream_over_only_unreadable_shards_ends_in_one_line_naming_them(tmp_path, capsys, prefetch):
-    from mmgen.cli import run_cli
+def _stream_parts():
     from mmgen.data.packing import PackingConfig
     from mmgen.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(str(Path(__file__).resolve().parents[1] / "tokenizers" / "shapes"))
+    return tokenizer, PackingConfig(seq_len=64, num_image_tokens=4, image_size=16, num_noisy_copies=1)
+
+
+def test_bad_samples_met_in_workers_reach_the_train_streams_counters(tmp_path):
+    """Each of two workers reads one shard that starts with a bad sample and packs its own batches."""
+    from mmgen.training.data import TrainStream
+
+    write_members(tmp_path / "train-0.tar", FAULTS["bad_json"] + [m for i in range(6) for m in pair(f"a{i}")])
+    write_members(tmp_path / "train-1.tar", FAULTS["bad_image"] + [m for i in range(6) for m in pair(f"b{i}")])
+    tokenizer, packing = _stream_parts()
+    stream = TrainStream(str(tmp_path / "train-*.tar"), tokenizer, packing, batch_size=1, seed=0, num_workers=2)
+    try:
+        batches = [next(stream), next(stream)]  # one from each worker
+    finally:
+        stream.close()
+    stats = stream.stats
+    assert stats["bad_json"] == 1 and stats["bad_image"] == 1 and stats["skipped"] == 2
+    assert stats["num_documents"] == sum(b["num_documents"] for b in batches) > 0
+    assert stats["documents"] >= stats["num_documents"]  # a worker reads past its last batch
+
+
+@pytest.mark.parametrize("prefetch,num_workers", [(0, 0), (1, 0), (0, 2)])
+def test_a_train_stream_over_only_unreadable_shards_ends_in_one_line_naming_them(tmp_path, capsys, prefetch,
+                                                                                  num_workers):
+    from mmgen.cli import run_cli
     from mmgen.training.data import TrainStream
 
     for i in range(2):
         (tmp_path / f"train-{i}.tar").write_bytes(b"not a tar" * 100)
-    tokenizer = load_tokenizer(str(Path(__file__).resolve().parents[1] / "tokenizers" / "shapes"))
-    packing = PackingConfig(seq_len=64, num_image_tokens=4, image_size=16, num_noisy_copies=1)
+    tokenizer, packing = _stream_parts()
     pattern = str(tmp_path / "train-*.tar")
 
     def first_batch(argv):
-        stream = TrainStream(pattern, tokenizer, packing, batch_size=2, seed=0, prefetch=prefetch)
+        stream = TrainStream(pattern, tokenizer, packing, batch_size=2, seed=0, prefetch=prefetch,
+                             num_workers=num_workers)
         try:
             next(stream)
         finally:

@@ -4,18 +4,19 @@ Documents come from `WebDocuments` (split by node and DataLoader worker, bad sam
 counted) and are packed by `DocumentPacker` into rows of `seq_len` tokens with one student noisy
 copy per image at the row end (CONTRACTS.md §2).
 
-Exact resume: the packer holds an open row, so the reader's position is ahead of what the trainer
-has consumed. We remember each document's reader position (`meta["_wds"]`) in stream order and,
-at a checkpoint, hand the reader the position of the last document the packer has *delivered* in
-a batch. A resumed stream therefore re-reads exactly the undelivered documents and packs the same
-batches an uninterrupted run would (with the same number of nodes and workers; see the reader's
-guarantee in `mmgen/data/webdata.py`).
+Workers (`num_workers` > 0): reading, decoding and packing all run in DataLoader worker processes, each
+on its own share of the shards (`mmgen.training.packed_batches`); the training process only receives
+whole batches, in worker order. With `num_workers` = 0 the same code runs in this process.
 
-Prefetch (`prefetch` > 0): a background thread reads and packs up to `prefetch` batches ahead while
-the trainer computes (packing is Python in this process; on a GPU it otherwise stalls every step).
-The thread snapshots the stream's state right after packing each batch, and `state_dict()` / `stats`
-return the snapshot of the last batch the trainer *received*, so resume stays exact: batches that were
-packed but not consumed are packed again by the resumed stream.
+Exact resume: every batch arrives with where its worker stands after it (the reader position of the
+batch's last document; the packer's open row is not delivered). `state_dict()` is the reader state of
+those positions for the last batch *received* from each worker, and whose turn is next, so a resumed
+stream re-reads exactly the undelivered documents and yields the batches an uninterrupted run would. That needs each worker to read
+the same share again, so the number of workers must not change between save and resume (refused).
+
+Prefetch (`prefetch` > 0): a background thread takes up to `prefetch` batches ahead while the trainer
+computes (without workers it also reads and packs them, as Python in this process). Resume stays exact:
+the state is that of what the trainer received, and batches taken but not received come again.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ import json
 import queue
 import sys
 import threading
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from mmgen.cli import UsageError
 from mmgen.config import DataSection
-from mmgen.data.packing import COUNTER_KEYS, DocumentPacker, PackingConfig
+from mmgen.data.packing import COUNTER_KEYS, PackingConfig
 from mmgen.data.pairs import PairFormat, row_caption_budget
 from mmgen.data.webdata import NoDocumentsError, WebDocuments
+from mmgen.training.packed_batches import PackedBatches
 
 
 def ensure_shapes_shards(out_dir: str | Path, *, num_docs: int, resolution: int, seed: int,
@@ -79,18 +81,19 @@ class TrainStream:
         self.urls = urls
         budget = row_caption_budget(tokenizer, packing) if max_caption_tokens is None else max_caption_tokens
         pairs = PairFormat(pair_text_to_image, seed, budget, tokenizer if budget is not None else None)
-        self.reader = WebDocuments(urls, resolution=packing.image_size, shuffle=True, seed=seed, epochs=None,
-                                   pairs=pairs)
-        self.packer = DocumentPacker(tokenizer, packing, batch_size=batch_size, drop_last=True)
+        settings = {"resolution": packing.image_size, "shuffle": True, "seed": seed, "epochs": None, "pairs": pairs}
+        self.reader = WebDocuments(urls, **settings)  # iterated by the workers (or here)
+        self._book = WebDocuments(urls, **settings)  # never iterated: turns received positions into a state
+        self.batches = PackedBatches(self.reader, tokenizer, packing, batch_size=batch_size)
         self.num_workers = num_workers
         self.prefetch = prefetch
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
-        self._received: dict | None = None  # prefetch: snapshot taken right after the last received batch
-        self._positions: deque[dict] = deque()  # reader positions of documents not yet delivered (+ the last one)
-        self._first = 0  # stream index of self._positions[0]
-        self._batches: Iterator[dict] | None = None
+        self._source: Iterator[tuple[dict, dict]] | None = None
+        self._last: dict[int, dict] = {}  # worker -> where it stands after its last received batch
+        self._next_worker = 0  # whose batch comes next
+        self._packer_base = dict.fromkeys(COUNTER_KEYS, 0)  # packer counters of the run before a resume
         self._shards: set = set()  # shards this process has read from (logged: ranks read disjoint shards)
 
     @classmethod
@@ -102,67 +105,56 @@ class TrainStream:
 
     @property
     def shards_read(self) -> list:
-        if self._received is not None:
-            return self._received["shards_read"]
         return sorted(self._shards)
 
-    def _documents(self) -> Iterator[dict]:
-        source = self.reader
-        if self.num_workers > 0:
-            source = torch.utils.data.DataLoader(
-                self.reader, batch_size=None, num_workers=self.num_workers, persistent_workers=False
-            )
-        for doc in source:
-            info = doc["meta"]["_wds"]
-            self._positions.append(dict(info))
-            self._shards.add(info["shard"])
-            yield doc
+    def _open(self) -> Iterator[tuple[dict, dict]]:
+        if self.num_workers == 0:
+            return iter(self.batches)
+        loader = torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=self.num_workers,
+                                             persistent_workers=False)  # fmt: skip
+        return iter(loader)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         if self.prefetch == 0:
-            return self._next_batch()
-        if self._stop.is_set():
-            raise RuntimeError("this TrainStream was closed (or its prefetch thread failed); build a new one")
-        if self._thread is None:
-            self._received = {"state": self._state_now(), "stats": self._stats_now(), "shards_read": []}
-            self._queue = queue.Queue(maxsize=self.prefetch)
-            self._thread = threading.Thread(target=self._produce, name="mmgen-prefetch", daemon=True)
-            self._thread.start()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        batch, self._received = item
+            batch, after = self._next_item()
+        else:
+            if self._stop.is_set():
+                raise RuntimeError("this TrainStream was closed (or its prefetch thread failed); build a new one")
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(target=self._produce, name="mmgen-prefetch", daemon=True)
+                self._thread.start()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            batch, after = item
+        self._last[after["worker"]] = after
+        self._next_worker = (after["worker"] + 1) % max(1, self.num_workers)
+        self._shards.update(after["new_shards"])
         return batch
 
-    def _next_batch(self) -> dict:
-        if self._batches is None:
-            self._batches = self.packer.iter_batches(self._documents())
+    def _next_item(self) -> tuple[dict, dict]:
+        if self._source is None:
+            self._source = self._open()
         try:
-            batch = next(self._batches)
+            return next(self._source)
         except StopIteration:  # the reader ends its endless stream only after an epoch without a document
             counters = ", ".join(f"{k}={v}" for k, v in self.reader.stats.items() if v) or "nothing read"
             raise NoDocumentsError(f"no training documents from shards {self.urls!r} "
                                    f"({len(self.reader.urls)} files); reader counters: {counters}") from None
-        # keep only the positions from the last delivered document on
-        while self._first < self.packer.resume_index - 1:
-            self._positions.popleft()
-            self._first += 1
-        return batch
 
     def _produce(self) -> None:
-        """Prefetch thread: pack batches and snapshot the state after each; errors go to the consumer."""
+        """Prefetch thread: take batches ahead; errors go to the consumer."""
         try:
             while not self._stop.is_set():
-                batch = self._next_batch()
-                snapshot = {"state": self._state_now(), "stats": self._stats_now(),
-                            "shards_read": sorted(self._shards)}
+                item = self._next_item()
                 while not self._stop.is_set():
                     try:
-                        self._queue.put((batch, snapshot), timeout=0.1)
+                        self._queue.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -170,35 +162,36 @@ class TrainStream:
             self._queue.put(exc)
 
     def close(self) -> None:
-        """Stop the prefetch thread (idempotent); the stream cannot be iterated afterwards."""
+        """Stop the prefetch thread and the workers (idempotent); the stream cannot be iterated afterwards."""
+        self._stop.set()
         if self._thread is not None:
-            self._stop.set()
             self._thread.join(timeout=10)
+        self._source = None  # a DataLoader iterator shuts its workers down when dropped
 
     @property
     def stats(self) -> dict:
         """Reader counters (bad samples by kind) and packer counters (truncations, dropped images), as of the
-        last batch the trainer received."""
-        if self._received is not None:
-            return dict(self._received["stats"])
-        return self._stats_now()
-
-    def _stats_now(self) -> dict:
-        return {**self.reader.stats, **self.packer.stats}
+        last batch the trainer received from each worker."""
+        received = self._last.values()
+        reader = {k: sum(after["reader"][k] for after in received) for k in self.reader.stats}
+        packer = {k: self._packer_base[k] + sum(after["packer"][k] for after in received) for k in COUNTER_KEYS}
+        return {**reader, **packer}
 
     def state_dict(self) -> dict:
-        if self._received is not None:  # prefetching: the thread owns the reader and packer
-            return self._received["state"]
-        return self._state_now()
-
-    def _state_now(self) -> dict:
-        delivered = self.packer.resume_index
-        if delivered > 0:
-            self.reader.observe({"meta": {"_wds": self._positions[delivered - 1 - self._first]}})
-        return {"reader": self.reader.state_dict(), "packer_stats": dict(self.packer.stats)}
+        self._book.observe([{"meta": {"_wds": after["position"]}} for after in self._last.values()])
+        packer = {k: v for k, v in self.stats.items() if k in COUNTER_KEYS}
+        return {"reader": self._book.state_dict(), "packer_stats": packer, "num_workers": self.num_workers,
+                "next_worker": self._next_worker}
 
     def load_state_dict(self, state: dict) -> None:
-        if self._batches is not None:
+        if self._source is not None:
             raise RuntimeError("load_state_dict must be called before the first batch")
+        saved = state.get("num_workers", self.num_workers)  # states written before workers packed: any
+        if saved != self.num_workers:
+            raise UsageError(f"the data stream was saved with data.num_workers={saved} and this run has "
+                             f"{self.num_workers}: resume with data.num_workers {saved} (each worker packs its "
+                             f"own share of the shards)")
         self.reader.load_state_dict(state["reader"])
-        self.packer.stats = {k: int(state["packer_stats"].get(k, 0)) for k in COUNTER_KEYS}
+        self._book.load_state_dict(state["reader"])
+        self._packer_base = {k: int(state["packer_stats"].get(k, 0)) for k in COUNTER_KEYS}
+        self._next_worker = self.batches.first_worker = int(state.get("next_worker", 0))

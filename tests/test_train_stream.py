@@ -127,15 +127,16 @@ def test_resuming_with_another_number_of_workers_is_refused_naming_the_setting(s
         _stream(shards, tokenizer, 0).load_state_dict(state)
 
 
-def test_stream_benchmark_writes_one_row_per_setting(shards, tmp_path):
+def test_stream_benchmark_writes_one_row_per_setting_and_a_plot(shards, tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
     import bench_stream
 
     out = tmp_path / "bench.json"
-    rows = bench_stream.main(["--shards", shards, "--seq-len", "128", "--compute-ms", "0", "5", "--prefetch", "0",
-                              "1", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
-    assert [(r["compute_ms"], r["prefetch"]) for r in rows] == [(0, 0), (0, 1), (5, 0), (5, 1)]
-    assert all(r["batches"] > 0 and r["ms_per_step"] > 0 for r in rows)
+    rows = bench_stream.main(["--shards", shards, "--seq-len", "128", "--compute-ms", "0", "5", "--num-workers", "0",
+                              "1", "--stand-in", "matmul", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+    assert [(r["compute_ms"], r["num_workers"]) for r in rows] == [(0, 0), (0, 1), (5, 0), (5, 1)]
+    assert all(r["batches"] > 0 and r["ms_per_step"] > 0 and 0 <= r["input_share"] <= 1 for r in rows)
     assert json.loads(out.read_text()) == rows
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -208,7 +208,7 @@ def test_generate_with_cache_equals_greedy_without_cache(model):
 def test_imm_loss_trains_through_the_model(model):
     from mmgen.objectives import get_objective
 
-    loss_fn, _ = get_objective("imm", num_particles=2)
+    loss_fn, _ = get_objective("imm", num_particles=2, p_uncond=0.0)  # no drop_cond: no guidance dropout
     batch, images = pack([[[("t", 3), ("i",)]], [[("t", 4), ("i",)]]], model.config)
     lat = latents_for(model.config, len(images))
     cond = {**batch, "clean_latents": lat["clean_latents"]}

@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicCache
 
 from mmgen.cli import text_problem
 from mmgen.masks import TokenKind, to_additive
+from mmgen.objectives import objective_config
 from mmgen.sampling import initial_noise, sample
 
 __all__ = [
@@ -323,7 +324,7 @@ def generate_image(
             ctx,
             objective_name=cfg.objective,
             num_steps=int(key[0]),
-            config=cfg.objective_config(),
+            config=objective_config(cfg.objective, cfg.objective_params, sigma_data=cfg.sigma_data),
             sampler=sampler,
             guidance=float(key[1]),
             null_cond=null,
@@ -386,7 +387,7 @@ def naive_generate_image(
         False,
         objective_name=cfg.objective,
         num_steps=num_steps,
-        config=cfg.objective_config(),
+        config=objective_config(cfg.objective, cfg.objective_params, sigma_data=cfg.sigma_data),
         guidance=guidance,
         null_cond=null,
     )

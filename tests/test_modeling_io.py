@@ -18,6 +18,7 @@ import mmgen  # noqa: F401  (registration)
 from mmgen.configuration_mmgen import SPECIAL_TOKENS, MMGenConfig
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 from mmgen.objectives import objective_config
+from mmgen.target_copies import TargetCopies
 
 
 def _model(**overrides):
@@ -29,7 +30,7 @@ def _inputs(config, seed=0):
     batch, images = pack([[[("t", 4), ("i",), ("t", 3)]], [[("t", 5), ("i",)]]], config,
                          num_noisy_copies=2, seed=seed, with_labels=True)
     lat = latents_for(config, len(images), seed=seed)
-    lat.update(target_latents=0.9 * lat["noisy_latents"], target_t=0.8 * lat["noisy_t"], target_s=lat["noisy_s"] / 3)
+    lat.update(target=TargetCopies(0.9 * lat["noisy_latents"], 0.8 * lat["noisy_t"], lat["noisy_s"] / 3))
     return {**batch, **lat}
 
 

@@ -41,6 +41,7 @@ from transformers.cache_utils import DynamicCache
 from mmgen.cli import text_problem
 from mmgen.layout import MODEL_INPUT_KEYS, TokenKind
 from mmgen.masks import to_additive
+from mmgen.objectives import objective_config
 from mmgen.sampling import initial_noise, sample
 
 __all__ = [
@@ -315,7 +316,7 @@ def generate_image(
             ctx,
             objective_name=cfg.objective,
             num_steps=int(key[0]),
-            config=cfg.objective_config(),
+            config=objective_config(cfg.objective, cfg.objective_params, sigma_data=cfg.sigma_data),
             sampler=sampler,
             guidance=float(key[1]),
             null_cond=null,
@@ -378,7 +379,7 @@ def naive_generate_image(
         False,
         objective_name=cfg.objective,
         num_steps=num_steps,
-        config=cfg.objective_config(),
+        config=objective_config(cfg.objective, cfg.objective_params, sigma_data=cfg.sigma_data),
         guidance=guidance,
         null_cond=null,
     )

@@ -122,13 +122,15 @@ def test_deepspeed_configs_validate(path):
 def test_time_shift_reaches_the_objective_the_model_samples_with(objective):
     """`objective.time_shift` goes into the exported model config, so generation uses the same grid."""
     from mmgen.configuration_mmgen import MMGenConfig
+    from mmgen.objectives import objective_config
     from mmgen.training.build import objective_params
 
     cfg = load_config(ROOT / "configs" / "default.yaml", ["--objective.name", objective, "--objective.time_shift", "3"])
     params = objective_params(cfg)
     assert params["time_shift"] == 3.0
     model_config = MMGenConfig(objective=objective, objective_params=params)
-    assert model_config.objective_config().time_shift == 3.0
+    resolved = objective_config(model_config.objective, model_config.objective_params, sigma_data=model_config.sigma_data)
+    assert resolved.time_shift == 3.0
 
 
 @pytest.mark.parametrize("override, message", [

@@ -16,6 +16,7 @@ unless it is given `--quiet`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -41,7 +42,6 @@ from mmgen.training.build import (
     build_tokenizer,
     check_input_paths,
     load_run_vae,
-    objective_params,
     stage1_makes,
 )
 from mmgen.training.data import TrainStream, ensure_shapes_shards
@@ -128,8 +128,8 @@ def train(argv: list[str]) -> None:
     ema = None if zero3 else EMA(model, decay=cfg.optim.ema_decay)
     if zero3:
         accelerator.print("ZeRO-3: EMA disabled (evaluation and export use the live weights)")
-    loss_fn, _ = get_objective(cfg.objective.name, sigma_data=cfg.objective.sigma_data, **objective_params(cfg))
-    group_by_condition = cfg.objective.name == "imm" and cfg.objective.particle_groups == "condition"
+    loss_fn, _ = get_objective(cfg.objective.name, **dataclasses.asdict(cfg.objective.params))
+    group_by_condition = getattr(cfg.objective.params, "particle_groups", None) == "condition"  # IMM's groups
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)

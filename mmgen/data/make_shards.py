@@ -131,7 +131,8 @@ def iter_jsonl_samples(path: str, image_root: str, skipped: Counter) -> Iterator
 def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int,
                         tasks: list[str] | None = None, max_objects: int = 4, particles: int = 1,
                         t2i_max_objects: int | None = None) -> Iterator[dict]:
-    from mmgen.data.shapes_docs import iter_documents  # imported here: only this source needs the shapes world
+    # imported here: only this source needs the shapes world
+    from mmgen.data.shapes_docs import iter_documents
 
     documents = iter_documents(num_docs, seed=seed, split=split, resolution=resolution, tasks=tasks,
                                max_objects=max_objects, particles=particles, t2i_max_objects=t2i_max_objects)

@@ -15,6 +15,7 @@ import torch
 
 from mmgen.data.packing import COUNTER_KEYS
 from mmgen.layout import METADATA_KEYS, TokenKind
+from mmgen.target_copies import TargetCopies
 
 MODEL_KEYS = (*METADATA_KEYS, "image_uncond")  # what the packed forward takes from a packer batch
 
@@ -79,7 +80,7 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
 
     target_pass: how a no-grad call of `net` after the student's (IMM's target branch) runs. "prefix":
     only the target copies' tokens, over the keys/values the student forward computed (the same weights
-    see the same text and clean images; nothing reads a noisy copy) — `forward(target_prefix=...)`;
+    see the same text and clean images; nothing reads a noisy copy) — `forward(target=TargetCopies(...))`;
     "full": a second forward of the whole rows. Equal up to float rounding (tests/test_modeling.py). Models
     with flex_attention return no prefix and get the full pass."""
     if target_pass not in TARGET_PASSES:
@@ -93,8 +94,7 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
     def net(x_in, t_in, s_in, cond):
         student = torch.is_grad_enabled()
         if not student and prefix.get("value") is not None:  # None: the model has none (flex_attention)
-            out = model(**{**cond, "labels": None}, target_latents=x_in, target_t=t_in, target_s=s_in,
-                        target_prefix=prefix.pop("value"))
+            out = model(**{**cond, "labels": None}, target=TargetCopies(x_in, t_in, s_in, prefix=prefix.pop("value")))
             return out.target_outputs.float()
         reuse = student and target_pass == "prefix"
         out = model(**{**cond, "labels": cond["labels"] if student else None},

@@ -160,7 +160,9 @@ def test_golden_loss_curve_of_the_tiny_config(inputs, tmp_path):
     golden = json.loads(GOLDEN.read_text())
     assert len(curve["text"]) == 20
     torch.testing.assert_close(torch.tensor(curve["text"]), torch.tensor(golden["text"]), rtol=2e-3, atol=1e-4)
-    torch.testing.assert_close(torch.tensor(curve["image"]), torch.tensor(golden["image"]), rtol=2e-2, atol=1e-4)
+    # Image losses run from ~1e-5 to ~0.1: the tolerance is relative; atol stays above float32 round-off of an
+    # MMD^2 (a difference of kernel means of order 1), far below the smallest golden value.
+    torch.testing.assert_close(torch.tensor(curve["image"]), torch.tensor(golden["image"]), rtol=2e-2, atol=1e-6)
     assert curve["text"][-1] < curve["text"][0]  # it learns
 
 

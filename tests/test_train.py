@@ -268,7 +268,6 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_when_in_a_row():
 def test_run_seed_does_not_rebuild_the_shared_shards_but_data_seed_does(inputs, tmp_path, capsys):
     """Runs that differ only in run.seed share data.shapes_dir (rebuilding it in place would change the
     documents under a run still reading them); data.seed is what the documents are drawn from."""
-    import contextlib
     import importlib.util
     import sys
 
@@ -276,13 +275,9 @@ def test_run_seed_does_not_rebuild_the_shared_shards_but_data_seed_does(inputs, 
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "training" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    from train_helpers import TINY
+    from train_helpers import TINY, MainProcess
 
     from mmgen.config import load_config
-
-    class MainProcess:
-        is_main_process = True
-        main_process_first = staticmethod(contextlib.nullcontext)
 
     def prepare(*overrides):
         cfg = load_config(TINY, ["--model.vae", str(inputs["vae"]), "--data.shapes_dir", str(tmp_path / "shards"),

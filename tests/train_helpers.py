@@ -29,6 +29,18 @@ def load_script(relative: str):
     return module
 
 
+class MainProcess:
+    """The one process of a run, as train.py's `prepare_inputs` sees an accelerator."""
+
+    is_main_process = True
+
+    @staticmethod
+    def main_process_first():
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 def make_tiny_vae(path: Path) -> Path:
     import torch
 

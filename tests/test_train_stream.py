@@ -115,17 +115,18 @@ def test_the_default_configs_document_mix_reaches_the_trainer_with_every_kind(tm
     from train_helpers import ROOT, MainProcess, load_script
 
     from mmgen.data.shapes_docs import TASK_WEIGHTS, TASKS
+    from mmgen.training.vae_stage import VAETrainConfig
 
     train = load_script("training/train.py")
     num_docs = 200
     cfg = train.parse_args(["--data.shapes_dir", str(tmp_path / "shards"), "--data.num_docs", str(num_docs),
                             "--data.samples_per_shard", "100", "--model.vae", str(tmp_path / "unused")])  # fmt: skip
     shards = train.prepare_inputs(cfg, MainProcess())
-    factor = load_script("training/train_vae.py").VAETrainConfig().downsample_factor  # stage 1's latents
+    factor = VAETrainConfig().downsample_factor  # stage 1's latents
     packing = PackingConfig(seq_len=cfg.data.seq_len, image_size=cfg.model.image_size, num_noisy_copies=1,
                             num_image_tokens=(cfg.model.image_size // factor // cfg.model.patch_size) ** 2,
                             text_loss=cfg.data.loss_on, image_loss=cfg.data.loss_on)  # fmt: skip
-    stream = _KindRecordingStream(shards, tokenizer, packing, batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    stream = _KindRecordingStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed)
     while stream.packer.resume_index < num_docs:  # one epoch's worth of delivered documents
         next(stream)
     delivered = stream.kinds[:stream.packer.resume_index]

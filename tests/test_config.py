@@ -11,6 +11,7 @@ from mmgen.config import Config, ConfigError, config_from_dict, config_to_dict, 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 DEEPSPEED = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 
 
 def test_presets_exist():
@@ -116,6 +117,37 @@ def test_deepspeed_configs_validate(path):
     assert "optimizer" not in raw and "scheduler" not in raw
     if ds.zero_optimization_stage == 3:
         assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_pass_accelerate_launch_up_to_starting_the_processes(path, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/NAME training/train.py` from the repository root (as
+    the README runs it), with accelerate's launchers replaced by a recorder: the file loads into accelerate's
+    config class, the launch command accepts it and picks one launcher, and a DeepSpeed file it names loads
+    into accelerate's DeepSpeedPlugin at the ZeRO stage of its file name (ZeRO-3 gathering 16-bit weights,
+    which the export needs)."""
+    from accelerate.commands import launch
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    monkeypatch.chdir(ROOT)
+    relative = str(path.relative_to(ROOT))
+    config = load_config_from_file(relative)
+    assert isinstance(config, ClusterConfig)
+    calls = []
+    for name in [n for n in dir(launch) if n.endswith("_launcher")]:  # none may start a process
+        monkeypatch.setattr(launch, name, lambda args, name=name: calls.append((name, args)))
+    launch.launch_command(launch.launch_command_parser().parse_args(["--config_file", relative, "training/train.py"]))
+    [(launcher, args)] = calls
+    assert (args.num_processes, args.num_machines) == (config.num_processes, config.num_machines)
+    if config.distributed_type != DistributedType.DEEPSPEED:
+        assert launcher == "simple_launcher" and config.num_processes == 1
+        return
+    assert launcher == "deepspeed_launcher"
+    plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed_config_file, zero3_init_flag=args.zero3_init_flag,
+                             zero3_save_16bit_model=args.zero3_save_16bit_model)
+    assert plugin.zero_stage == int(re.search(r"zero(\d)", path.name)[1])
+    assert plugin.zero_stage != 3 or plugin.zero3_save_16bit_model
 
 
 @pytest.mark.parametrize("objective", ["imm", "flow_matching"])

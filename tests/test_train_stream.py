@@ -89,3 +89,53 @@ def test_stream_benchmark_writes_one_row_per_setting(shards, tmp_path):
     assert [(r["compute_ms"], r["prefetch"]) for r in rows] == [(0, 0), (0, 1), (5, 0), (5, 1)]
     assert all(r["batches"] > 0 and r["ms_per_step"] > 0 for r in rows)
     assert json.loads(out.read_text()) == rows
+
+
+class _KindRecordingStream(TrainStream):
+    """The trainer's stream, noting the kind (meta "task") of each document it reads, in stream order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kinds: list[str] = []
+
+    def _documents(self):
+        for doc in super()._documents():
+            self.kinds.append(doc["meta"]["task"])
+            yield doc
+
+
+def test_the_default_configs_document_mix_reaches_the_trainer_with_every_kind(tmp_path, tokenizer):
+    """configs/default.yaml's data section (tasks, particles, t2i_max_objects, seq_len, loss_on) through
+    train.py's shard preparation into the trainer's batches, on 200 documents: every kind of document is
+    delivered, none is skipped or loses an image, and each kind's share is its weight in the YAML within
+    four binomial standard deviations."""
+    import math
+
+    import yaml
+    from train_helpers import ROOT, MainProcess, load_script
+
+    from mmgen.data.shapes_docs import TASK_WEIGHTS, TASKS
+    from mmgen.training.vae_stage import VAETrainConfig
+
+    train = load_script("training/train.py")
+    num_docs = 200
+    cfg = train.parse_args(["--data.shapes_dir", str(tmp_path / "shards"), "--data.num_docs", str(num_docs),
+                            "--data.samples_per_shard", "100", "--model.vae", str(tmp_path / "unused")])  # fmt: skip
+    shards = train.prepare_inputs(cfg, MainProcess())
+    factor = VAETrainConfig().downsample_factor  # stage 1's latents
+    packing = PackingConfig(seq_len=cfg.data.seq_len, image_size=cfg.model.image_size, num_noisy_copies=1,
+                            num_image_tokens=(cfg.model.image_size // factor // cfg.model.patch_size) ** 2,
+                            text_loss=cfg.data.loss_on, image_loss=cfg.data.loss_on)  # fmt: skip
+    stream = _KindRecordingStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed)
+    while stream.packer.resume_index < num_docs:  # one epoch's worth of delivered documents
+        next(stream)
+    delivered = stream.kinds[:stream.packer.resume_index]
+    assert stream.stats["num_skipped_documents"] == stream.stats["num_dropped_images"] == 0
+    assert set(delivered) == set(TASKS)
+    items = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["data"]["tasks"]
+    weights = {item.split("=")[0]: float(item.split("=")[1]) if "=" in item else TASK_WEIGHTS[item]
+               for item in items}  # fmt: skip
+    n = len(delivered)
+    for kind, w in weights.items():
+        p = w / sum(weights.values())
+        assert abs(delivered.count(kind) / n - p) < 4 * math.sqrt(p * (1 - p) / n), (kind, delivered.count(kind), n)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgen.training.evaluate import wilson
+from mmgen.evaluation.quick import wilson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ is scripts, not a package
 import toy2d

@@ -4,12 +4,12 @@
                        [--out runs/eval/default] [--quick]
 
 Suites (each module's docstring has the details):
-- ShapeEval (eval/shapeeval.py): GenEval's six tasks on held-out ("heldout") and training-distribution
+- ShapeEval (mmgen/evaluation/shapeeval.py): GenEval's six tasks on held-out ("heldout") and training-distribution
   ("train") prompts, at every step count x guidance scale; validity rate and off-palette share.
-- ShapeFD / ShapeKID (eval/shapefd.py) of the same images against true renders of the prompts' scenes,
+- ShapeFD / ShapeKID (mmgen/evaluation/shapefd.py) of the same images against true renders of the prompts' scenes,
   with the real-vs-real floor at the same sample size.
-- Understanding (eval/understanding.py): captioning exact match and per attribute, VQA by question type.
-- Interleaved (eval/interleaved.py): multi-turn programs, images and answers against the accumulated
+- Understanding (mmgen/evaluation/understanding.py): captioning exact match and per attribute, VQA by question type.
+- Interleaved (mmgen/evaluation/interleaved.py): multi-turn programs, images and answers against the accumulated
   scene, image-emission precision/recall (at the largest --steps <= 4 and the first --cfg).
 - Perplexity of held-out shapes text, training tokens/s and MFU, image latency per step count with and
   without the cached prefix (eval/speed.py). On a GPU the same command runs unchanged (bf16 autocast for
@@ -37,16 +37,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ holds scripts, not a package
-import report
 import speed
-from interleaved import generate_interleaved_run, programs
-from judge import judge_all
-from shapeeval import generate_t2i_run, prompt_set, write_jsonl
-from understanding import generate_understanding_run, understanding_items
 
 from mmgen.cli import ArgumentParser, UsageError, check_model_source, run_cli
 from mmgen.data.shapes import Scene, render
-from mmgen.training.evaluate import TEST_SEED
+from mmgen.evaluation import report
+from mmgen.evaluation.interleaved import generate_interleaved_run, programs
+from mmgen.evaluation.judge import judge_all
+from mmgen.evaluation.quick import TEST_SEED
+from mmgen.evaluation.shapeeval import generate_t2i_run, prompt_set, write_jsonl
+from mmgen.evaluation.understanding import generate_understanding_run, understanding_items
 
 SPLITS = ("heldout", "train")
 SUITES = ("speed", "interleaved", "understanding")  # the ones --skip can leave out

@@ -20,8 +20,8 @@ import torch
 
 from mmgen.data.packing import PackingConfig, collate_documents
 from mmgen.data.shapes_docs import iter_documents
+from mmgen.evaluation.quick import TEST_SEED
 from mmgen.masks import image_token_counts
-from mmgen.training.evaluate import TEST_SEED
 
 
 def _sync(device):

@@ -15,16 +15,14 @@ from modeling_helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))  # eval/ holds scripts, not a package
 import colour_confusion
-import interleaved
-import judge
 import plot_nfe
 import quick_t2i
 import run
-import shapeeval
-import shapefd
 
 from mmgen.data.judge import judge_image
 from mmgen.data.shapes import Scene, ShapeObject, render, sample_scene
+from mmgen.evaluation import interleaved, shapeeval, shapefd
+from mmgen.evaluation.judge import JUDGED_SECTIONS, judge_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -83,8 +81,8 @@ def test_quick_run_writes_results_report_and_plots(quick_run):
 def test_rejudging_the_saved_run_gives_identical_numbers(quick_run):
     out, _ = quick_run
     saved = json.loads((out / "results.json").read_text())
-    again = json.loads(json.dumps(judge.judge_all(out)))
-    for key in judge.JUDGED_SECTIONS:
+    again = json.loads(json.dumps(judge_all(out)))
+    for key in JUDGED_SECTIONS:
         assert json.dumps(again[key], sort_keys=True) == json.dumps(saved[key], sort_keys=True), key
 
 
@@ -273,7 +271,7 @@ def test_end_of_run_evaluation_reports_partial_verdicts_and_the_model_card_shows
     from transformers import AutoModel, AutoProcessor
 
     from mmgen.config import load_config
-    from mmgen.training.evaluate import PARTIAL_VERDICTS, end_of_run_evaluation
+    from mmgen.evaluation.quick import PARTIAL_VERDICTS, end_of_run_evaluation
     from mmgen.training.export import _metrics_table
 
     model = AutoModel.from_pretrained(tiny_export).eval()

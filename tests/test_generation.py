@@ -354,7 +354,7 @@ def test_prompt_sensitivity_sees_the_prompt_and_is_zero_for_one_prompt(model, pr
     """The end-of-run diagnostic: an untrained model's one-step image already moves with the prompt
     (the noisy copy reads it); repeating one prompt gives no prompt effect (exactly zero with linear patches;
     rounding only with the U-Net codec, whose batched convolutions are not bit-identical across rows)."""
-    from mmgen.training.evaluate import prompt_sensitivity
+    from mmgen.evaluation.quick import prompt_sensitivity
 
     varied = prompt_sensitivity(model, processor, prompts=("Draw a red circle.", "Draw two blue squares."),
                                 num_seeds=2)

@@ -282,7 +282,7 @@ def _prefixed(stats: dict) -> dict:
 def _samples(model, ema, processor, run_dir: Path, step: int) -> None:
     import contextlib
 
-    from mmgen.training.evaluate import sample_grid
+    from mmgen.evaluation.quick import sample_grid
 
     with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
         sample_grid(model, processor, run_dir / "samples" / f"step-{step:08d}.png")
@@ -308,7 +308,7 @@ def _finish(cfg: Config, model, ema, processor, run_dir: Path, step: int, state_
 
     Under ZeRO-3 (`state_dict` given: the gathered live weights) the local model is partitioned, so
     the end-of-run evaluation is skipped and the export writes the gathered weights."""
-    from mmgen.training.evaluate import end_of_run_evaluation
+    from mmgen.evaluation.quick import end_of_run_evaluation
     from mmgen.training.export import export_final
 
     if ema is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmgen.training.evaluate import accuracy, caption_scores, partial_rates, t2i_prompts, t2i_scores
+from mmgen.evaluation.quick import accuracy, caption_scores, partial_rates, t2i_prompts, t2i_scores
 
 CURVE_FILE = "curve.jsonl"
 

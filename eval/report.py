@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: only files are written
-import matplotlib.pyplot as plt
 from shapeeval import TASKS
+
+from mmgen.extras import pyplot
+
+plt = pyplot("eval/report.py")  # on the Agg backend: the script only writes files
 
 
 def _acc(v: dict | None) -> str:

@@ -35,13 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the benchmark only writes files
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from mmgen.extras import pyplot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ is scripts, not a package
 from metrics2d import distances, random_directions
@@ -49,6 +47,8 @@ from metrics2d import distances, random_directions
 from mmgen import sampling
 from mmgen.objectives import get_objective
 from mmgen.objectives.imm import IMMConfig
+
+plt = pyplot("eval/toy2d.py")  # on the Agg backend: the script only writes files
 
 DATASETS = ("ring", "checkerboard")
 IMM_NFES = (1, 2, 4, 8, 16)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_vae.py beside 
 from mmgen.cli import ArgumentParser, run_cli
 from mmgen.config import Config, ConfigError, load_config, resolve_input_path, save_config_json
 from mmgen.data.packing import PackingConfig
+from mmgen.extras import require
 from mmgen.masks import image_token_counts
 from mmgen.objectives import get_objective
 from mmgen.processing_mmgen import MMGenProcessor
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
 
 def train(argv: list[str]) -> None:
     cfg = parse_args(argv)
+    if cfg.eval.curve_every:  # a missing 'plots' extra fails now, not at the first curve point
+        require("matplotlib", f"eval.curve_every={cfg.eval.curve_every} (the curve.png plot; 0 turns it off)")
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     accelerator = build_accelerator(mixed_precision=cfg.run.mixed_precision, grad_accum=cfg.optim.grad_accum,
                                     project_dir=str(run_dir), tracker=cfg.run.tracker)

@@ -1,9 +1,13 @@
 """The package: what its top level exports, its optional extras, and the assets a wheel carries."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -80,3 +84,42 @@ def test_a_curve_plot_without_matplotlib_names_the_plots_extra(monkeypatch, tmp_
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'mmgen\[plots\]'"):
         plot_curves([tmp_path], tmp_path / "curve.png")
+
+
+# --- The wheel: an installed (non-checkout) package carries the shipped configs and the shapes tokenizer ---
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_an_installed_wheel_finds_the_default_config_and_tokenizer_from_another_directory(tmp_path):
+    # A real wheel build (pip's build isolation provides setuptools) of a copy of the sources, so the checkout
+    # gets no build/ folder; unpacking a pure-Python wheel is what installing it puts on sys.path.
+    src, dist, site, elsewhere = (tmp_path / name for name in ("src", "dist", "site", "elsewhere"))
+    for name in ("mmgen", "configs", "tokenizers"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)],
+                   check=True, timeout=300, capture_output=True)
+    (wheel,) = dist.glob("mmgen-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    assert {f"mmgen/{f}" for f in _files(ROOT / "mmgen")} <= _files(site)  # pyproject.toml lists every subpackage
+    assert _files(site / "mmgen" / "_data" / "configs") == _files(ROOT / "configs")
+    assert _files(site / "mmgen" / "_data" / "tokenizers" / "shapes") == _files(ROOT / "tokenizers" / "shapes")
+
+    elsewhere.mkdir()
+    probe = (  # training/train.py's --config default is ASSETS_ROOT/configs/default.yaml
+        "import json, mmgen; from mmgen.config import ASSETS_ROOT, load_config, resolve_input_path as r;"
+        "c = load_config(ASSETS_ROOT / 'configs/default.yaml'); z = load_config(r('configs/multigpu_zero2.yaml'));"
+        "print(json.dumps([mmgen.__file__, c.run.name, c.model.tokenizer, c.run.output_dir, z.run.deepspeed_config]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = site / "mmgen" / "_data"
+    assert json.loads(proc.stdout.splitlines()[-1]) == [
+        str(site / "mmgen" / "__init__.py"), "default", str(data / "tokenizers" / "shapes"), "runs",
+        str(data / "configs" / "deepspeed" / "zero2.json"),
+    ]

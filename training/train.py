@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_vae.py beside this file
 
 from mmgen.cli import ArgumentParser, run_cli
-from mmgen.config import Config, ConfigError, load_config, resolve_input_path, save_config_json
+from mmgen.config import ASSETS_ROOT, Config, ConfigError, load_config, resolve_input_path, save_config_json
 from mmgen.data.packing import PackingConfig
 from mmgen.extras import require
 from mmgen.masks import image_token_counts
@@ -58,11 +57,11 @@ METRICS_FILE = "metrics.jsonl"  # one line per logged step
 def parse_args(argv=None) -> Config:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Overrides: --section.key VALUE, e.g. --optim.max_steps 100")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"),
-                        help="YAML preset (a relative path is looked up here, then in the repository)")
+    parser.add_argument("--config", default=str(ASSETS_ROOT / "configs" / "default.yaml"),
+                        help="YAML preset (a relative path is looked up here, then among mmgen's shipped configs)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
-    return load_config(resolve_input_path(args.config, ROOT), overrides)
+    return load_config(resolve_input_path(args.config), overrides)
 
 
 def prepare_inputs(cfg: Config, accelerator) -> str:

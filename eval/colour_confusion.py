@@ -45,10 +45,9 @@ def confusion(images_by_colour: dict[str, list], resolution: int | None = None) 
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from mmgen.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("eval/colour_confusion.py")
 
     m = np.asarray(result["matrix"])
     fig, ax = plt.subplots(figsize=(7, 5.5))

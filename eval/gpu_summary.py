@@ -33,10 +33,9 @@ def summarize_run(run: Path) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
-    import matplotlib
+    from mmgen.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("eval/gpu_summary.py")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, prefix, title in (

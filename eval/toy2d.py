@@ -34,18 +34,17 @@ import math
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the benchmark only writes files
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from mmgen import sampling
 from mmgen.evaluation.metrics2d import distances, random_directions
+from mmgen.extras import pyplot
 from mmgen.objectives import get_objective
 from mmgen.objectives.imm import IMMConfig
+
+plt = pyplot("eval/toy2d.py")  # on the Agg backend: the script only writes files
 
 DATASETS = ("ring", "checkerboard")
 IMM_NFES = (1, 2, 4, 8, 16)

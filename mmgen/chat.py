@@ -137,6 +137,10 @@ def _main(argv: list[str]) -> int:
         check_text(args.prompt, "--prompt")
     for path in args.image if args.prompt is not None else []:
         load_image(path)  # a bad --image fails before the model is loaded
+    if args.web:
+        from mmgen.chat_web import require_gradio
+
+        require_gradio()  # a missing 'web' extra fails before the model loads
     out = Path(args.out) if args.out else Path("runs/chat") / time.strftime("%Y%m%d-%H%M%S")
     _check_out(out)
     name = resolve_model(args.model, say)

@@ -9,11 +9,13 @@ override.
 Relative paths. Settings that name something the run reads and that must exist (`INPUT_PATHS`:
 model.tokenizer, model.vae, model.init_from, model.init_text_model, run.deepspeed_config; and the
 `--config` file of training/train.py) are looked up in the working directory first and, when nothing
-is there, in the repository root, where the shipped assets (tokenizers/, configs/) and the default
-run's outputs live; a path found in neither is kept as given (a Hub id, a stage-1 VAE still to be
-trained, or an error that names the setting). What the run writes (run.output_dir, data.shapes_dir),
-data.shards (a shard pattern) and run.resume are always relative to the working directory. So
-`training/train.py` with no arguments works from any directory and writes under `./runs/` there.
+is there, under `ASSETS_ROOT`: the repository root of a checkout (editable installs included), where the
+shipped assets (configs/, tokenizers/shapes/) and the default run's outputs live, or the copy of those
+assets inside a package installed from a wheel. A path found in neither is kept as given (a Hub id, a
+stage-1 VAE still to be trained, or an error that names the setting). What the run writes
+(run.output_dir, data.shapes_dir), data.shards (a shard pattern) and run.resume are always relative to
+the working directory. So `training/train.py` with no arguments works from any directory and writes
+under `./runs/` there.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import yaml
 from mmgen.cli import UsageError
 from mmgen.objectives import OBJECTIVES, config_class, objective_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# pyproject.toml ships configs/ and tokenizers/shapes/ in the wheel as mmgen/_data/; a checkout has them at its root.
+_PACKAGED_ASSETS = Path(__file__).resolve().parent / "_data"
+ASSETS_ROOT = _PACKAGED_ASSETS if _PACKAGED_ASSETS.is_dir() else Path(__file__).resolve().parents[1]
 # (section, key) of the settings that name an existing file or directory: the relative-path rule above
 INPUT_PATHS = (("model", "tokenizer"), ("model", "vae"), ("model", "init_from"), ("model", "init_text_model"),
                ("run", "deepspeed_config"))
@@ -478,7 +482,7 @@ def _from_overrides(message: str, tree: dict) -> str:
     return f"command-line overrides: {message}"
 
 
-def resolve_input_path(value: str | None, root: Path = REPO_ROOT) -> str | None:
+def resolve_input_path(value: str | None, root: Path = ASSETS_ROOT) -> str | None:
     """`value` as given when it is absolute, exists from the working directory or is not under `root`
     either; else its path under `root` (the rule of the module docstring)."""
     if not value:
@@ -489,7 +493,7 @@ def resolve_input_path(value: str | None, root: Path = REPO_ROOT) -> str | None:
     return str(root / path)
 
 
-def resolve_paths(config: Config, root: Path = REPO_ROOT) -> Config:
+def resolve_paths(config: Config, root: Path = ASSETS_ROOT) -> Config:
     """`config` with every setting of `INPUT_PATHS` passed through `resolve_input_path`."""
     sections: dict[str, dict] = {}
     for section, key in INPUT_PATHS:

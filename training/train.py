@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from mmgen.cli import ArgumentParser, run_cli
-from mmgen.config import Config, ConfigError, load_config, resolve_input_path, save_config_json
+from mmgen.config import ASSETS_ROOT, Config, ConfigError, load_config, resolve_input_path, save_config_json
 from mmgen.data.packing import PackingConfig
+from mmgen.extras import require
 from mmgen.masks import image_token_counts
 from mmgen.objectives import get_objective
 from mmgen.processing_mmgen import MMGenProcessor
@@ -56,11 +55,11 @@ METRICS_FILE = "metrics.jsonl"  # one line per logged step
 def parse_args(argv=None) -> Config:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Overrides: --section.key VALUE, e.g. --optim.max_steps 100")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"),
-                        help="YAML preset (a relative path is looked up here, then in the repository)")
+    parser.add_argument("--config", default=str(ASSETS_ROOT / "configs" / "default.yaml"),
+                        help="YAML preset (a relative path is looked up here, then among mmgen's shipped configs)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
-    return load_config(resolve_input_path(args.config, ROOT), overrides)
+    return load_config(resolve_input_path(args.config), overrides)
 
 
 def prepare_inputs(cfg: Config, accelerator) -> str:
@@ -96,6 +95,8 @@ def main(argv=None) -> int:
 
 def train(argv: list[str]) -> None:
     cfg = parse_args(argv)
+    if cfg.eval.curve_every:  # a missing 'plots' extra fails now, not at the first curve point
+        require("matplotlib", f"eval.curve_every={cfg.eval.curve_every} (the curve.png plot; 0 turns it off)")
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     accelerator = build_accelerator(mixed_precision=cfg.run.mixed_precision, grad_accum=cfg.optim.grad_accum,
                                     project_dir=str(run_dir), tracker=cfg.run.tracker)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: only files are written
-import matplotlib.pyplot as plt
-
 from mmgen.evaluation.shapeeval import TASKS
+from mmgen.extras import pyplot
+
+plt = pyplot("the evaluation report (eval/run.py)")  # on the Agg backend: only files are written
 
 
 def _acc(v: dict | None) -> str:

@@ -9,10 +9,10 @@ override.
 Relative paths. Settings that name something the run reads and that must exist (`INPUT_PATHS`:
 model.tokenizer, model.vae, model.init_from, model.init_text_model, run.deepspeed_config; and the
 `--config` file of training/train.py) are looked up in the working directory first and, when nothing
-is there, under `ASSETS_ROOT`: the repository root of a checkout (editable installs included), where the
-shipped assets (configs/, tokenizers/shapes/) and the default run's outputs live, or the copy of those
-assets inside a package installed from a wheel. A path found in neither is kept as given (a Hub id, a
-stage-1 VAE still to be trained, or an error that names the setting). What the run writes
+is there and the path is one of the shipped assets (under configs/ or tokenizers/), under `ASSETS_ROOT`:
+the repository root of a checkout (editable installs included), or the copy of those assets inside a
+package installed from a wheel. Any other path is kept as given (a Hub id, a stage-1 VAE still to be
+trained in the working directory, or an error that names the setting). What the run writes
 (run.output_dir, data.shapes_dir), data.shards (a shard pattern) and run.resume are always relative to
 the working directory. So `training/train.py` with no arguments works from any directory and writes
 under `./runs/` there.
@@ -37,6 +37,7 @@ from mmgen.objectives import OBJECTIVES, config_class, objective_config
 # pyproject.toml ships configs/ and tokenizers/shapes/ in the wheel as mmgen/_data/; a checkout has them at its root.
 _PACKAGED_ASSETS = Path(__file__).resolve().parent / "_data"
 ASSETS_ROOT = _PACKAGED_ASSETS if _PACKAGED_ASSETS.is_dir() else Path(__file__).resolve().parents[1]
+ASSET_DIRS = ("configs", "tokenizers")  # what the package ships: the only relative paths looked up in ASSETS_ROOT
 # (section, key) of the settings that name an existing file or directory: the relative-path rule above
 INPUT_PATHS = (("model", "tokenizer"), ("model", "vae"), ("model", "init_from"), ("model", "init_text_model"),
                ("run", "deepspeed_config"))
@@ -483,12 +484,12 @@ def _from_overrides(message: str, tree: dict) -> str:
 
 
 def resolve_input_path(value: str | None, root: Path = ASSETS_ROOT) -> str | None:
-    """`value` as given when it is absolute, exists from the working directory or is not under `root`
-    either; else its path under `root` (the rule of the module docstring)."""
+    """`value` as given when it is absolute, exists from the working directory, is not a shipped asset or is
+    not under `root` either; else its path under `root` (the rule of the module docstring)."""
     if not value:
         return value
     path = Path(value)
-    if path.is_absolute() or path.exists() or not (root / path).exists():
+    if path.is_absolute() or path.exists() or path.parts[0] not in ASSET_DIRS or not (root / path).exists():
         return value
     return str(root / path)
 

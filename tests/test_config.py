@@ -214,8 +214,8 @@ def test_a_bad_value_in_the_file_is_named_as_the_file_even_with_overrides(tmp_pa
 
 
 def test_relative_input_paths_are_found_from_any_directory(tmp_path, monkeypatch):
-    """The rule of mmgen/config.py: a relative input path is looked up in the working directory, then in
-    the repository; outputs stay relative to the working directory."""
+    """The rule of mmgen/config.py: a relative input path is looked up in the working directory, then (for
+    the shipped configs/ and tokenizers/) in the repository; outputs and runs/ stay in the working directory."""
     monkeypatch.chdir(tmp_path)
     config = load_config(ROOT / "configs" / "default.yaml")
     assert config.model.tokenizer == str(ROOT / "tokenizers" / "shapes")
@@ -223,6 +223,8 @@ def test_relative_input_paths_are_found_from_any_directory(tmp_path, monkeypatch
     zero2 = load_config(ROOT / "configs" / "multigpu_zero2.yaml")
     assert zero2.run.deepspeed_config == str(ROOT / "configs" / "deepspeed" / "zero2.json")
     assert zero2.model.init_text_model == "HuggingFaceTB/SmolLM2-360M"  # in neither place: kept (a Hub id)
+    # the checkout's other files (its runs/vae, say) are not this directory's: kept as given
+    assert load_config(ROOT / "configs" / "default.yaml", ["--model.vae", "README.md"]).model.vae == "README.md"
     (tmp_path / "tokenizers" / "shapes").mkdir(parents=True)  # one of the working directory's own wins
     assert load_config(ROOT / "configs" / "default.yaml").model.tokenizer == "tokenizers/shapes"
     assert load_config(None, ["--model.tokenizer", "/abs/tok"]).model.tokenizer == "/abs/tok"

@@ -29,6 +29,7 @@ import torch
 
 from mmgen.cli import ArgumentParser, run_cli
 from mmgen.config import ASSETS_ROOT, Config, ConfigError, load_config, resolve_input_path, save_config_json
+from mmgen.data.latents import LatentSpec
 from mmgen.data.packing import PackingConfig
 from mmgen.extras import require
 from mmgen.masks import image_token_counts
@@ -145,7 +146,8 @@ def train(argv: list[str]) -> None:
                             image_loss=cfg.data.loss_on,
                             special_ids=processor.special_ids)
     try:
-        stream = TrainStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed)
+        stream = TrainStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed,
+                                         latents=LatentSpec.of(vae, cfg.model.image_size, cfg.model.vae))
     except FileNotFoundError as err:  # a shard pattern that matches nothing
         raise ConfigError(f"data.shards: {err}") from err
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mmgen.config import DataSection
+from mmgen.data.latents import LatentSpec
 from mmgen.data.packing import COUNTER_KEYS, DocumentPacker, PackingConfig
 from mmgen.data.pairs import PairFormat, row_caption_budget
 from mmgen.data.webdata import NoDocumentsError, WebDocuments
@@ -70,17 +71,21 @@ class TrainStream:
 
     def __init__(self, urls, tokenizer, packing: PackingConfig, *, batch_size: int, seed: int,
                  num_workers: int = 0, prefetch: int = 0, pair_text_to_image: float = DataSection.pair_text_to_image,
-                 max_caption_tokens: int | None = None):
+                 max_caption_tokens: int | None = None, latents: LatentSpec | None = None):
         """pair_text_to_image: share of image-caption pairs read caption first, the rest image first (as chats,
         `mmgen.data.pairs`); max_caption_tokens: longer pair captions are cut (None: what leaves the image its
-        room in a row)."""
+        room in a row); latents: the run's VAE, whose latents cached in the shards replace their images (others
+        are refused, `mmgen.data.latents`; None: images only)."""
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
         self.urls = urls
         budget = row_caption_budget(tokenizer, packing) if max_caption_tokens is None else max_caption_tokens
         pairs = PairFormat(pair_text_to_image, seed, budget, tokenizer if budget is not None else None)
         self.reader = WebDocuments(urls, resolution=packing.image_size, shuffle=True, seed=seed, epochs=None,
-                                   pairs=pairs)
+                                   pairs=pairs, latents=latents is not None)
+        self.latents = latents
+        if latents is not None:
+            latents.check_manifests(self.reader.urls)
         self.packer = DocumentPacker(tokenizer, packing, batch_size=batch_size, drop_last=True)
         self.num_workers = num_workers
         self.prefetch = prefetch
@@ -94,11 +99,12 @@ class TrainStream:
         self._shards: set = set()  # shards this process has read from (logged: ranks read disjoint shards)
 
     @classmethod
-    def from_config(cls, urls, tokenizer, packing: PackingConfig, data: DataSection, seed: int) -> TrainStream:
+    def from_config(cls, urls, tokenizer, packing: PackingConfig, data: DataSection, seed: int,
+                    latents: LatentSpec | None = None) -> TrainStream:
         """The stream a run's `data` section asks for (batch size, workers, prefetch, the pairs' format)."""
         return cls(urls, tokenizer, packing, batch_size=data.batch_size, seed=seed, num_workers=data.num_workers,
                    prefetch=data.prefetch, pair_text_to_image=data.pair_text_to_image,
-                   max_caption_tokens=data.max_caption_tokens)
+                   max_caption_tokens=data.max_caption_tokens, latents=latents)
 
     @property
     def shards_read(self) -> list:
@@ -113,6 +119,8 @@ class TrainStream:
                 self.reader, batch_size=None, num_workers=self.num_workers, persistent_workers=False
             )
         for doc in source:
+            if self.latents is not None:  # here, not in a worker: a refusal is one line from the trainer
+                self.latents.check_document(doc)
             info = doc["meta"]["_wds"]
             self._positions.append(dict(info))
             self._shards.add(info["shard"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmgen.data.latents import encode_batch
 from mmgen.data.packing import COUNTER_KEYS
 from mmgen.layout import METADATA_KEYS, TokenKind
 from mmgen.target_copies import TargetCopies
@@ -29,7 +30,7 @@ class StepLosses:
 
 
 def split_batch(batch: dict, device: torch.device) -> tuple[dict, torch.Tensor, dict]:
-    """Packer batch -> (model kwargs on device, images (M, 3, H, W) in [-1, 1], counters)."""
+    """Packer batch -> (model kwargs on device, images to encode (M_img, 3, H, W) in [-1, 1], counters)."""
     model_inputs = {k: batch[k].to(device) for k in MODEL_KEYS}
     counters = {k: int(batch[k]) for k in COUNTER_KEYS if k in batch}
     return model_inputs, batch["images"].to(device), counters
@@ -86,8 +87,7 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
     if target_pass not in TARGET_PASSES:
         raise ValueError(f"objective.target_pass must be one of {TARGET_PASSES}, got {target_pass!r}")
     inputs, images, counters = split_batch(batch, device)
-    with torch.no_grad():
-        latents = vae.encode(images.float()) if images.shape[0] else images.new_zeros(0)  # (M, C, h, w)
+    latents = encode_batch(vae, images, batch)  # (M, C, h, w); cached latents skip the encoder
     text_loss: dict[str, torch.Tensor] = {}
     prefix: dict = {}  # the student pass's keys/values, used once by the target pass after it
 

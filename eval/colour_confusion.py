@@ -67,8 +67,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from mmgen.cli import ArgumentParser, UsageError, load_export
+    from mmgen.cli import ArgumentParser, UsageError
     from mmgen.generation import generate_images_for_prompts
+    from mmgen.loading import load_export
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from mmgen.cli import ArgumentParser, UsageError, load_export, run_cli
+from mmgen.cli import ArgumentParser, UsageError, run_cli
 from mmgen.evaluation.quick import (
     accuracy,
     caption_scores,
@@ -22,6 +22,7 @@ from mmgen.evaluation.quick import (
     t2i_prompts,
     t2i_scores,
 )
+from mmgen.loading import load_export
 
 
 def main(argv=None) -> dict:

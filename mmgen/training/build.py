@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mmgen.cli import looks_local
 from mmgen.config import Config, ConfigError, ModelSection, resolve_input_path
 from mmgen.configuration_mmgen import MMGenConfig
+from mmgen.loading import looks_local
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 from mmgen.tokenization import SpecialIds, load_pretrained_lm_tokenizer, load_tokenizer
 from mmgen.vae import MMGenVAE

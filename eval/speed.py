@@ -1,9 +1,9 @@
 """Speed and text perplexity of a model export, measured in one process so the ratios are fair.
 
 - Training throughput: a few optimizer steps of the real training step (`mmgen.training.step.compute_losses`
-  with the model's own objective, packed shapes rows, AdamW) on a copy of the model: tokens/s and MFU =
-  model FLOPs (`estimate_flops`, 6N + attention) / step time / the device's peak (`mmgen.training.perf`:
-  measured bf16 matmul on CPU, data-sheet bf16 on known GPUs). bf16 autocast on both CPU and GPU.
+  with the model's own objective, packed shapes rows, AdamW) on a copy of the model: tokens/s and MFU, as
+  the training log computes them (`mmgen.training.perf`: the passes the step ran, 6N + attention per token;
+  peak: measured bf16 matmul on CPU, data-sheet bf16 on known GPUs). bf16 autocast on both CPU and GPU.
 - Image latency per step count, with the cached prefix (the engine) and without (the whole sequence
   recomputed at every step), from `eval/bench_generation.py`'s `bench_prefix`.
 - Perplexity: exp(mean next-token NLL) over every text label of held-out shapes documents (caption, VQA,
@@ -20,7 +20,6 @@ import torch
 
 from mmgen.data.packing import PackingConfig, collate_documents
 from mmgen.data.shapes_docs import iter_documents
-from mmgen.masks import image_token_counts
 from mmgen.training.evaluate import TEST_SEED
 
 
@@ -38,7 +37,7 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
     """Tokens/s and MFU of the training step on `rows` x `seq_len` packed shapes rows (median of `steps`).
     target_pass: how IMM's target branch runs (`compute_losses`); "full" is the second-forward baseline."""
     from mmgen.objectives import get_objective
-    from mmgen.training.perf import device_peak_flops, mfu
+    from mmgen.training.perf import device_peak_flops, mfu, pass_token_counts, training_flops
     from mmgen.training.step import compute_losses
 
     cfg = model.config
@@ -72,13 +71,14 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
         if i:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    flops = model.estimate_flops(tokens, seq_len, image_tokens=image_token_counts(batch["token_kind"]))
+    counts = pass_token_counts(batch["token_kind"], losses.diagnostics["passes"])
+    flops = training_flops(model, counts, seq_len)
     peak, source = device_peak_flops(device, torch.bfloat16)
     del net, opt
     return {"tokens_per_step": tokens, "rows": rows, "seq_len": seq_len, "seconds_per_step": seconds,
             "tokens_per_s": tokens / seconds, "flops_per_step": flops, "peak_flops": peak, "peak_source": source,
             "mfu": mfu(flops, seconds, peak), "dtype": "bf16-autocast", "steps_timed": steps,
-            "target_pass": target_pass}  # fmt: skip
+            "target_pass": target_pass, "flop_tokens": dict(counts)}  # fmt: skip
 
 
 def image_latency(model, *, prefix: int = 256, steps=(1, 2, 4, 8), guidance: float = 1.0, repeats: int = 2) -> dict:

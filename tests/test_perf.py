@@ -117,3 +117,14 @@ def test_the_peak_is_a_datasheet_number_on_known_gpus_and_the_run_dtype_on_cpu()
     # fp16 autocast runs as bf16 on CPU: the same measured peak
     assert perf.device_peak_flops(torch.device("cpu"), torch.float16) == perf.device_peak_flops(torch.device("cpu"))
     assert perf.mfu(1e9, 0.5, 4e9) == 0.5
+
+
+def test_the_gpu_throughput_script_refuses_a_machine_without_cuda_unless_dry(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "eval"))
+    import gpu_throughput
+
+    monkeypatch.delenv("DRY", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_throughput.main(["--out", "unused"])
+    assert exit_info.value.code == 2 and "DRY=1" in capsys.readouterr().err

@@ -32,7 +32,6 @@ from mmgen.config import ASSETS_ROOT, Config, ConfigError, load_config, resolve_
 from mmgen.data.latents import LatentSpec
 from mmgen.data.packing import PackingConfig
 from mmgen.extras import require
-from mmgen.masks import image_token_counts
 from mmgen.objectives import get_objective
 from mmgen.processing_mmgen import MMGenProcessor
 from mmgen.training import checkpointing
@@ -46,7 +45,7 @@ from mmgen.training.build import (
 )
 from mmgen.training.data import TrainStream, ensure_shapes_shards
 from mmgen.training.ema import EMA
-from mmgen.training.perf import device_peak_flops, mfu
+from mmgen.training.perf import device_peak_flops, mfu, pass_token_counts, training_dtype, training_flops
 from mmgen.training.schedule import build_scheduler
 from mmgen.training.step import NonFiniteGuard, compute_losses
 
@@ -157,17 +156,16 @@ def train(argv: list[str]) -> None:
         accelerator.init_trackers(cfg.run.name)
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.grad_accum * world
-    peak, peak_source = device_peak_flops(device, torch.bfloat16 if cfg.run.mixed_precision == "bf16" else torch.float32)
+    peak, peak_source = device_peak_flops(device, training_dtype(cfg.run.mixed_precision))
     progress = _progress(accelerator, step, cfg.optim.max_steps)
     guard = NonFiniteGuard(cfg.run.max_nonfinite_in_a_row)
-    last_time, images_seen, image_tokens = time.perf_counter(), 0, Counter()
+    last_time, images_seen, flop_tokens = time.perf_counter(), 0, Counter()
     while step < cfg.optim.max_steps:
         step_start = time.perf_counter()
         model.train()
         for _ in range(cfg.optim.grad_accum):
             with accelerator.accumulate(model):
                 batch = next(stream)
-                image_tokens.update(image_token_counts(batch["token_kind"]))  # this rank's, for the MFU
                 losses = compute_losses(model, vae, batch, loss_fn=loss_fn,
                                         lambda_img=cfg.objective.lambda_img, generator=generator, device=device,
                                         group_by_condition=group_by_condition,
@@ -182,6 +180,7 @@ def train(argv: list[str]) -> None:
                     optimizer.step()
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                flop_tokens.update(pass_token_counts(batch["token_kind"], losses.diagnostics["passes"]))  # this rank's
                 images_seen += losses.diagnostics.get("num_images", 0)
                 seen["images_seen"] += world * losses.diagnostics.get("num_images", 0)
                 seen["image_targets_seen"] += world * losses.diagnostics.get("num_image_targets", 0)
@@ -195,10 +194,8 @@ def train(argv: list[str]) -> None:
         if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
             now = time.perf_counter()
             seconds = (now - last_time) / cfg.run.log_every
-            # FLOPs are linear in the token counts: one estimate per log window (ranks assumed alike)
-            window_tokens = tokens_per_step // world * cfg.run.log_every
-            flops_per_step = world * raw_model.estimate_flops(window_tokens, cfg.data.seq_len,
-                                                              image_tokens=dict(image_tokens)) / cfg.run.log_every
+            # FLOPs are linear in the token counts: one count per log window (ranks assumed alike)
+            flops_per_step = world * training_flops(raw_model, flop_tokens, cfg.data.seq_len) / cfg.run.log_every
             logs = {"loss": losses.loss.item(), "loss_text": losses.text.item(), "loss_image": losses.image.item(),
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
                     "images_per_s": images_seen / (now - last_time), "mfu": mfu(flops_per_step, seconds, peak),
@@ -210,7 +207,7 @@ def train(argv: list[str]) -> None:
             progress.set_postfix(loss=f"{logs['loss']:.3f}", text=f"{logs['loss_text']:.3f}",
                                  img=f"{logs['loss_image']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
                                  mfu=f"{logs['mfu']:.1%}")
-            last_time, images_seen, image_tokens = now, 0, Counter()
+            last_time, images_seen, flop_tokens = now, 0, Counter()
         progress.update(1)
         if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
             checkpointing.save_checkpoint(accelerator, run_dir, step, trainer_state={"peak_flops": peak_source, **seen},

@@ -90,10 +90,12 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
     latents = encode_batch(vae, images, batch)  # (M, C, h, w); cached latents skip the encoder
     text_loss: dict[str, torch.Tensor] = {}
     prefix: dict = {}  # the student pass's keys/values, used once by the target pass after it
+    passes: list[str] = []  # what ran, for the FLOP count (mmgen.training.perf.pass_token_counts)
 
     def net(x_in, t_in, s_in, cond):
         student = torch.is_grad_enabled()
-        if not student and prefix.get("value") is not None:  # None: the model has none (flex_attention)
+        passes.append("student" if student else "prefix" if prefix.get("value") is not None else "full")
+        if passes[-1] == "prefix":  # no prefix: the model has none (flex_attention)
             out = model(**{**cond, "labels": None}, target=TargetCopies(x_in, t_in, s_in, prefix=prefix.pop("value")))
             return out.target_outputs.float()
         reuse = student and target_pass == "prefix"
@@ -129,7 +131,8 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
         out = model(**inputs, clean_latents=latents if num_images else None,
                     noisy_latents=torch.zeros_like(latents) if noisy else None, noisy_t=zeros, noisy_s=zeros)
         text, image_loss, diag = out.loss, torch.zeros((), device=device), {"num_excluded": num_targets}
-    diag = {**diag, **counters, "num_images": num_images, "num_image_targets": num_targets}
+        passes.append("student")
+    diag = {**diag, **counters, "num_images": num_images, "num_image_targets": num_targets, "passes": passes}
     return StepLosses(loss=text + lambda_img * image_loss, text=text.detach(), image=image_loss.detach(),
                       diagnostics=diag)
 

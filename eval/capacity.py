@@ -30,18 +30,17 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the experiment only writes files
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgen.training.evaluate import wilson
+from mmgen.evaluation.quick import wilson
+from mmgen.extras import pyplot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ is scripts, not a package
 import toy2d
+
+plt = pyplot("eval/capacity.py")  # on the Agg backend: the script only writes files
 
 POKER = ("high card", "one pair", "two pair", "full house", "straight flush", "royal flush")
 

@@ -45,10 +45,9 @@ def confusion(images_by_colour: dict[str, list], resolution: int | None = None) 
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from mmgen.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("eval/colour_confusion.py")
 
     m = np.asarray(result["matrix"])
     fig, ax = plt.subplots(figsize=(7, 5.5))
@@ -68,8 +67,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from mmgen.cli import ArgumentParser, UsageError, load_export
+    from mmgen.cli import ArgumentParser, UsageError
     from mmgen.generation import generate_images_for_prompts
+    from mmgen.loading import load_export
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)

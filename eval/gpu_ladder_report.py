@@ -43,10 +43,9 @@ def collect(directory: Path) -> dict:
 
 
 def plot(phases: dict, path: Path) -> None:
-    import matplotlib
+    from mmgen.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("eval/gpu_ladder_report.py")
 
     names = sorted({n for runs in phases.values() for n in runs})
     bars = [(label, n) for label in phases for n in names if n in phases[label]]

@@ -16,10 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+from mmgen.extras import pyplot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+plt = pyplot("eval/plot_nfe.py")  # on the Agg backend: the script only writes files
 
 
 def curves(results: dict, split: str = "heldout") -> dict:

@@ -3,7 +3,7 @@
     python eval/quick_t2i.py --model runs/default/final --out runs/quick_t2i.json [--steps 1 4] [--num 40] [--guidance 3]
 
 Single-object and two-object prompts from the shapes grammar on the test seed
-(`mmgen.training.evaluate.t2i_prompts`), one image per prompt and seed i, scored by `score_t2i`
+(`mmgen.evaluation.quick.t2i_prompts`), one image per prompt and seed i, scored by `score_t2i`
 (overall verdict with a 95% Wilson interval, and the shares passing each partial verdict: valid,
 colours, shapes, counts, nothing_extra); greedy captions of `--num` train-combination renders; and
 `prompt_sensitivity` (0 = the image ignores the prompt). The full report is `eval/run.py`.
@@ -13,8 +13,8 @@ import json
 
 import torch
 
-from mmgen.cli import ArgumentParser, UsageError, load_export, run_cli
-from mmgen.training.evaluate import (
+from mmgen.cli import ArgumentParser, UsageError, run_cli
+from mmgen.evaluation.quick import (
     accuracy,
     caption_scores,
     partial_rates,
@@ -22,6 +22,7 @@ from mmgen.training.evaluate import (
     t2i_prompts,
     t2i_scores,
 )
+from mmgen.loading import load_export
 
 
 def main(argv=None) -> dict:

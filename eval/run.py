@@ -4,12 +4,12 @@
                        [--out runs/eval/default] [--quick]
 
 Suites (each module's docstring has the details):
-- ShapeEval (eval/shapeeval.py): GenEval's six tasks on held-out ("heldout") and training-distribution
+- ShapeEval (mmgen/evaluation/shapeeval.py): GenEval's six tasks on held-out ("heldout") and training-distribution
   ("train") prompts, at every step count x guidance scale; validity rate and off-palette share.
-- ShapeFD / ShapeKID (eval/shapefd.py) of the same images against true renders of the prompts' scenes,
+- ShapeFD / ShapeKID (mmgen/evaluation/shapefd.py) of the same images against true renders of the prompts' scenes,
   with the real-vs-real floor at the same sample size.
-- Understanding (eval/understanding.py): captioning exact match and per attribute, VQA by question type.
-- Interleaved (eval/interleaved.py): multi-turn programs, images and answers against the accumulated
+- Understanding (mmgen/evaluation/understanding.py): captioning exact match and per attribute, VQA by question type.
+- Interleaved (mmgen/evaluation/interleaved.py): multi-turn programs, images and answers against the accumulated
   scene, image-emission precision/recall (at the largest --steps <= 4 and the first --cfg).
 - Perplexity of held-out shapes text, training tokens/s and MFU, image latency per step count with and
   without the cached prefix (eval/speed.py). On a GPU the same command runs unchanged (bf16 autocast for
@@ -37,16 +37,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ holds scripts, not a package
-import report
 import speed
-from interleaved import generate_interleaved_run, programs
-from judge import judge_all
-from shapeeval import generate_t2i_run, prompt_set, write_jsonl
-from understanding import generate_understanding_run, understanding_items
 
-from mmgen.cli import ArgumentParser, UsageError, check_model_source, run_cli
+from mmgen.cli import ArgumentParser, UsageError, run_cli
 from mmgen.data.shapes import Scene, render
-from mmgen.training.evaluate import TEST_SEED
+from mmgen.evaluation import report
+from mmgen.evaluation.interleaved import generate_interleaved_run, programs
+from mmgen.evaluation.judge import judge_all
+from mmgen.evaluation.quick import TEST_SEED
+from mmgen.evaluation.shapeeval import generate_t2i_run, prompt_set, write_jsonl
+from mmgen.evaluation.understanding import generate_understanding_run, understanding_items
+from mmgen.loading import check_device, check_model_source, load_export
 
 SPLITS = ("heldout", "train")
 SUITES = ("speed", "interleaved", "understanding")  # the ones --skip can leave out
@@ -70,16 +71,6 @@ def counts_for(args) -> dict:
     n = n or 20
     return {"per_task": n, "captions": 5 * n, "vqa": 10 * n, "programs": 2 * n, "perplexity_docs": 64,
             "train_rows": 8, "train_steps": 3, "latency_prefix": 256, "latency_repeats": 2, "reference": 7 * n}  # fmt: skip
-
-
-def load(model_dir: str, device: str):
-    import mmgen  # noqa: F401  (registers the Auto classes)
-    from mmgen.modeling_mmgen import MMGenForConditionalGeneration
-    from mmgen.processing_mmgen import MMGenProcessor
-
-    model = MMGenForConditionalGeneration.from_pretrained(model_dir).eval().to(device)
-    processor = MMGenProcessor.from_pretrained(model_dir)
-    return model, processor
 
 
 def write_reference(out: Path, n: int, resolution: int) -> None:
@@ -137,10 +128,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[int], list[float], s
     check_model_source(args.model)
     if not Path(args.model).is_dir():  # results hash the export's config.json: a local export only
         raise UsageError(f"no such model directory: {args.model}")
-    try:
-        torch.device(args.device)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"--device {args.device!r}: {err}") from None
+    check_device(args.device)
     return args, steps, scales, skip
 
 
@@ -159,13 +147,7 @@ def main(argv=None) -> dict:
         timing[name] = round(time.perf_counter() - t0 - sum(timing.values()), 2)
         print(f"[eval] {name} done ({timing[name]:.1f} s)", flush=True)
 
-    try:
-        model, processor = load(str(model_dir), args.device)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:  # not an mmgen export, or damaged
-        if args.debug:
-            raise
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:400]
-        raise UsageError(f"cannot load the model from {str(model_dir)!r}: {reason}") from None
+    model, processor = load_export(str(model_dir), args.device)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

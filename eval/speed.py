@@ -1,9 +1,9 @@
 """Speed and text perplexity of a model export, measured in one process so the ratios are fair.
 
 - Training throughput: a few optimizer steps of the real training step (`mmgen.training.step.compute_losses`
-  with the model's own objective, packed shapes rows, AdamW) on a copy of the model: tokens/s and MFU =
-  model FLOPs (`estimate_flops`, 6N + attention) / step time / the device's peak (`mmgen.training.perf`:
-  measured bf16 matmul on CPU, data-sheet bf16 on known GPUs). bf16 autocast on both CPU and GPU.
+  with the model's own objective, packed shapes rows, AdamW) on a copy of the model: tokens/s and MFU, as
+  the training log computes them (`mmgen.training.perf`: the passes the step ran, 6N + attention per token;
+  peak: measured bf16 matmul on CPU, data-sheet bf16 on known GPUs). bf16 autocast on both CPU and GPU.
 - Image latency per step count, with the cached prefix (the engine) and without (the whole sequence
   recomputed at every step), from `eval/bench_generation.py`'s `bench_prefix`.
 - Perplexity: exp(mean next-token NLL) over every text label of held-out shapes documents (caption, VQA,
@@ -20,8 +20,7 @@ import torch
 
 from mmgen.data.packing import PackingConfig, collate_documents
 from mmgen.data.shapes_docs import iter_documents
-from mmgen.masks import image_token_counts
-from mmgen.training.evaluate import TEST_SEED
+from mmgen.evaluation.quick import TEST_SEED
 
 
 def _sync(device):
@@ -34,11 +33,15 @@ def _autocast(device):
 
 
 def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, steps: int = 3, seed: int = 0,
-                        target_pass: str = "prefix") -> dict:
-    """Tokens/s and MFU of the training step on `rows` x `seq_len` packed shapes rows (median of `steps`).
-    target_pass: how IMM's target branch runs (`compute_losses`); "full" is the second-forward baseline."""
+                        target_pass: str = "prefix", warmup: int = 1, compile_model: bool = False,
+                        forward_only: bool = False, documents: dict | None = None) -> dict:
+    """Tokens/s, images/s and MFU of the training step on `rows` x `seq_len` packed shapes rows (median of
+    `steps` after `warmup` steps). target_pass: how IMM's target branch runs (`compute_losses`); "full" is
+    the second-forward baseline. compile_model: `torch.compile` the copy. forward_only: the step's passes
+    with frozen weights, no backward or optimizer step (FlexAttention has no backward on CPU). documents: keyword
+    arguments of `iter_documents` (tasks, particles, ...), default its mix."""
     from mmgen.objectives import get_objective
-    from mmgen.training.perf import device_peak_flops, mfu
+    from mmgen.training.perf import device_peak_flops, mfu, pass_token_counts, training_flops
     from mmgen.training.step import compute_losses
 
     cfg = model.config
@@ -46,39 +49,49 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
     net = copy.deepcopy(model).train()
     params = [p for n, p in net.named_parameters() if not n.startswith("vae.")]
     for p in params:
-        p.requires_grad_(True)
+        p.requires_grad_(not forward_only)
     opt = torch.optim.AdamW(params, lr=1e-5)
     loss_fn, _ = get_objective(cfg.objective, sigma_data=cfg.sigma_data, **cfg.objective_params)
     packing = PackingConfig(seq_len=seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.image_size,
                             num_noisy_copies=1, special_ids=processor.special_ids)  # fmt: skip
-    docs = list(iter_documents(rows * 12, seed=TEST_SEED + 5, split="train", resolution=cfg.image_size))
+    docs = list(iter_documents(rows * max(12, seq_len // 20), seed=TEST_SEED + 5, split="train",
+                               resolution=cfg.image_size, **(documents or {})))
     batch = collate_documents(docs, processor.tokenizer, packing)
     batch = {k: (v[:rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in batch.items()}
     kept = int(batch["image_ids"].max()) + 1 if (batch["image_ids"] >= 0).any() else 0
     batch["images"], batch["image_uncond"] = batch["images"][:kept], batch["image_uncond"][:kept]
     tokens = int((batch["token_kind"] != 0).sum())
     g = torch.Generator(device=device).manual_seed(seed)
+    step_net = torch.compile(net) if compile_model else net
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i in range(steps + 1):  # the first step warms up (allocations, kernels)
+    for i in range(warmup + steps):  # warm-up steps: allocations, kernels, compilation
         _sync(device)
         start = time.perf_counter()
         with _autocast(device):
-            losses = compute_losses(net, net.vae, batch, loss_fn=loss_fn, lambda_img=1.0, generator=g, device=device,
-                                    target_pass=target_pass)
-        losses.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            losses = compute_losses(step_net, net.vae, batch, loss_fn=loss_fn, lambda_img=1.0, generator=g,
+                                    device=device, target_pass=target_pass)
+        if not forward_only:
+            losses.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         _sync(device)
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    flops = model.estimate_flops(tokens, seq_len, image_tokens=image_token_counts(batch["token_kind"]))
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    passes = [("full" if forward_only and p == "student" else p) for p in losses.diagnostics["passes"]]
+    counts = pass_token_counts(batch["token_kind"], passes)  # forward-only: the student pass without backward
+    flops = training_flops(model, counts, seq_len)
     peak, source = device_peak_flops(device, torch.bfloat16)
     del net, opt
     return {"tokens_per_step": tokens, "rows": rows, "seq_len": seq_len, "seconds_per_step": seconds,
             "tokens_per_s": tokens / seconds, "flops_per_step": flops, "peak_flops": peak, "peak_source": source,
             "mfu": mfu(flops, seconds, peak), "dtype": "bf16-autocast", "steps_timed": steps,
-            "target_pass": target_pass}  # fmt: skip
+            "target_pass": target_pass, "flop_tokens": dict(counts), "passes": passes,
+            "images_per_s": losses.diagnostics["num_images"] / seconds, "forward_only": forward_only,
+            "compiled": compile_model, "peak_memory_gib": memory}  # fmt: skip
 
 
 def image_latency(model, *, prefix: int = 256, steps=(1, 2, 4, 8), guidance: float = 1.0, repeats: int = 2) -> dict:

@@ -6,7 +6,7 @@ and a Gaussian kernel, and with flow matching (Lipman et al., ICLR 2023; Liu et 
 same optimizer, steps and forward-evaluation budget per training step. IMM is sampled by pushforward with
 N in {1, 2, 4, 8, 16} jumps, flow matching by Euler with N in {1, ..., 128} steps, all from the same
 starting noise. Samples are scored against fresh data with sliced Wasserstein-2 and energy distance
-(eval/metrics2d.py); `floor` is the same metric between two independent data samples of the same size.
+(mmgen/evaluation/metrics2d.py); `floor` is the same metric between two independent data samples of the same size.
 
     python eval/toy2d.py [--dataset ring|checkerboard|all] [--steps N] [--seed S] [--out DIR]
                          [--set width=256 lr=1e-3 ...] [--imm fm_fraction=0.5 a=1 ...]
@@ -31,24 +31,20 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the benchmark only writes files
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ is scripts, not a package
-from metrics2d import distances, random_directions
-
 from mmgen import sampling
+from mmgen.evaluation.metrics2d import distances, random_directions
+from mmgen.extras import pyplot
 from mmgen.objectives import get_objective
 from mmgen.objectives.imm import IMMConfig
+
+plt = pyplot("eval/toy2d.py")  # on the Agg backend: the script only writes files
 
 DATASETS = ("ring", "checkerboard")
 IMM_NFES = (1, 2, 4, 8, 16)

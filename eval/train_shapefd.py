@@ -1,6 +1,6 @@
-"""Train the ShapeFD/ShapeKID feature net once, deterministically (eval/shapefd.py explains why).
+"""Train the ShapeFD/ShapeKID feature net once, deterministically (mmgen/evaluation/shapefd.py explains why).
 
-    python eval/train_shapefd.py [--num-images 6000] [--epochs 4] [--out eval/shapefd.safetensors]
+    python eval/train_shapefd.py [--num-images 6000] [--epochs 4] [--out mmgen/evaluation/shapefd.safetensors]
 
 Data: seeded renders of random shapes scenes (32x32; train and held-out colour-shape combinations, so
 held-out objects have features too). Targets: how many objects of each of the 24 (colour, shape) pairs
@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ holds scripts, not a package
-from shapefd import WEIGHTS, ShapeFeatureNet, file_sha256, images_to_tensor
-
 from mmgen.data.shapes import COLOURS, SHAPES, render, sample_scene
+from mmgen.evaluation.shapefd import WEIGHTS, ShapeFeatureNet, file_sha256, images_to_tensor
 
 COMBOS = [(c, s) for c in COLOURS for s in SHAPES]
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mmgen.chat_session import SETTINGS, ChatError, ChatSession, Settings, check_text, load_image
 from mmgen.chat_terminal import Terminal, inline_image_protocol
-from mmgen.cli import ArgumentParser, UsageError, check_model_source, run_cli
+from mmgen.cli import ArgumentParser, UsageError, run_cli
+from mmgen.loading import check_device, check_model_source, load_export
 
 DEFAULT_RUN_EXPORT = Path("runs/default/final")
 
@@ -40,19 +41,6 @@ def resolve_model(name: str | None, say) -> str | None:
         "(it trains the embedded default run and exports it there), or pass --model DIR_OR_HUB_ID."
     )
     return None
-
-
-def load_model(name: str, device: str | None = None):
-    """AutoModel + AutoProcessor from a directory or Hub id (after `import mmgen` registers them)."""
-    import torch
-    from transformers import AutoModel, AutoProcessor
-
-    import mmgen  # noqa: F401  registers the Auto classes
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(name).to(device).eval()
-    processor = AutoProcessor.from_pretrained(name)
-    return model, processor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,19 +86,6 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: {existing} is not writable")
 
 
-def _check_device(device: str | None) -> None:
-    if device is None:
-        return
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {device!r}: {e}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-
-
 def _one_shot(session: ChatSession, args, say) -> int:
     for path in args.image:
         session.attach(path)
@@ -137,24 +112,22 @@ def _main(argv: list[str]) -> int:
         check_text(args.prompt, "--prompt")
     for path in args.image if args.prompt is not None else []:
         load_image(path)  # a bad --image fails before the model is loaded
+    if args.web:
+        from mmgen.chat_web import require_gradio
+
+        require_gradio()  # a missing 'web' extra fails before the model loads
     out = Path(args.out) if args.out else Path("runs/chat") / time.strftime("%Y%m%d-%H%M%S")
     _check_out(out)
     name = resolve_model(args.model, say)
     if name is None:
         return 2
     check_model_source(name)
-    _check_device(args.device)
+    check_device(args.device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars in the chat
-    try:
-        model, processor = load_model(name, args.device)
-    except Exception as e:  # any loading failure is reported, not a traceback
-        if args.debug:
-            raise
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise UsageError(f"cannot load the model from {name!r}: {reason}") from None
+    model, processor = load_export(name, args.device)
     session = ChatSession(model, processor, out_dir=out, settings=settings, model_name=name)
     if args.web:
         from mmgen.chat_web import launch

@@ -15,8 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mmgen.chat_session import ChatError, ChatSession, Settings
+from mmgen.extras import require
 
 _EMPTY_INPUT = {"text": "", "files": []}
+
+
+def require_gradio():
+    """gradio, or a one-line error naming the 'web' extra that installs it."""
+    return require("gradio", "the web chat (mmgen-chat --web)")
 
 
 def session_factory(template: ChatSession) -> Callable[[], ChatSession]:
@@ -108,7 +114,7 @@ def reset(session):
 def build_app(template: ChatSession):
     """The gr.Blocks app. Elements the tests find: #chat, #prompt, #force-image, #gallery, #settings."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
+    gr = require_gradio()
 
     s = template.settings
     new_session = session_factory(template)

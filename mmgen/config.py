@@ -9,11 +9,13 @@ override.
 Relative paths. Settings that name something the run reads and that must exist (`INPUT_PATHS`:
 model.tokenizer, model.vae, model.init_from, model.init_text_model, run.deepspeed_config; and the
 `--config` file of training/train.py) are looked up in the working directory first and, when nothing
-is there, in the repository root, where the shipped assets (tokenizers/, configs/) and the default
-run's outputs live; a path found in neither is kept as given (a Hub id, a stage-1 VAE still to be
-trained, or an error that names the setting). What the run writes (run.output_dir, data.shapes_dir),
-data.shards (a shard pattern) and run.resume are always relative to the working directory. So
-`training/train.py` with no arguments works from any directory and writes under `./runs/` there.
+is there and the path is one of the shipped assets (under configs/ or tokenizers/), under `ASSETS_ROOT`:
+the repository root of a checkout (editable installs included), or the copy of those assets inside a
+package installed from a wheel. Any other path is kept as given (a Hub id, a stage-1 VAE still to be
+trained in the working directory, or an error that names the setting). What the run writes
+(run.output_dir, data.shapes_dir), data.shards (a shard pattern) and run.resume are always relative to
+the working directory. So `training/train.py` with no arguments works from any directory and writes
+under `./runs/` there.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ from typing import Any, Literal
 import yaml
 
 from mmgen.cli import UsageError
+from mmgen.objectives import OBJECTIVES, config_class, objective_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# pyproject.toml ships configs/ and tokenizers/shapes/ in the wheel as mmgen/_data/; a checkout has them at its root.
+_PACKAGED_ASSETS = Path(__file__).resolve().parent / "_data"
+ASSETS_ROOT = _PACKAGED_ASSETS if _PACKAGED_ASSETS.is_dir() else Path(__file__).resolve().parents[1]
+ASSET_DIRS = ("configs", "tokenizers")  # what the package ships: the only relative paths looked up in ASSETS_ROOT
 # (section, key) of the settings that name an existing file or directory: the relative-path rule above
 INPUT_PATHS = (("model", "tokenizer"), ("model", "vae"), ("model", "init_from"), ("model", "init_text_model"),
                ("run", "deepspeed_config"))
@@ -126,33 +132,73 @@ class DataSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ObjectiveSection:
-    """Image objective (DESIGN.md §5) and its weight against the text loss."""
+    """The image objective: its name, its own settings, and how this run weighs and runs it (DESIGN.md §5).
 
-    name: Literal["imm", "flow_matching"] = "imm"
-    lambda_img: float = 1.0
-    p_uncond: float = 0.1
-    sigma_data: float = 0.5
-    num_particles: int = 4
-    # IMM particle groups: "condition" = only images with identical conditions (same prompt prefix)
-    # share a group; "consecutive" = any M consecutive images of the batch (the unconditional recipe)
-    particle_groups: Literal["condition", "consecutive"] = "consecutive"
-    fm_fraction: float = 0.0  # IMM only: share of groups trained with the flow-matching (s = t) loss
-    fm_weight: float = 1.0
-    k: int = 12
-    a: float = 2.0
-    b: float = 4.0
-    T: float = 0.994
-    eps: float = 0.0
-    delta: float = 1e-4
-    parameterization: Literal["euler_fm", "simple_edm"] = "euler_fm"
-    time_input: Literal["stride", "identity"] = "stride"
-    time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow matching only
-    time_shift: float = 1.0  # SD3 timestep shift of training times and the sampling grid; > 1 = toward noise
-    # IMM's MMD kernel: "laplace" (the paper's) or "gaussian" (mmgen/objectives/imm.py says why)
-    kernel: Literal["laplace", "gaussian"] = "laplace"
+    `params` is the objective's config dataclass (`mmgen.objectives.OBJECTIVES`), the one home of its settings
+    and their defaults. YAML files and overrides set its fields as leaves of this section, like the
+    section's own (`--objective.num_particles 8`, `--objective.kernel gaussian`), and the resolved JSON
+    writes them so. A field of another registered objective is accepted and left unused, so a preset can
+    switch objective with `--objective.name` alone; a key of no objective is an error naming it.
+    """
+
+    name: str = "imm"
+    lambda_img: float = 1.0  # the image loss's weight against the text loss
     # IMM's target branch: "prefix" runs only the target copies over the student pass's keys/values,
     # "full" a second forward of the whole batch (same numbers to rounding; prefix is cheaper, README)
     target_pass: Literal["prefix", "full"] = "prefix"
+    params: Any = None  # the objective's config; None = its defaults
+
+    def __post_init__(self):
+        try:
+            cls = config_class(self.name)
+        except ValueError:
+            raise ConfigError(f"objective.name: {self.name!r} is not one of {sorted(OBJECTIVES)}") from None
+        if self.params is None:
+            object.__setattr__(self, "params", cls())
+        elif type(self.params) is not cls:
+            raise ConfigError(f"objective.params must be a {cls.__name__} for objective {self.name!r}, "
+                              f"got {type(self.params).__name__}")
+
+    @property
+    def sigma_data(self) -> float:
+        """Data std of the normalised latents: the objective's, and the VAE's and model's too."""
+        return self.params.sigma_data
+
+    def leaves(self) -> dict:
+        """The section as YAML writes it: its own settings and the objective's fields side by side."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        return {**own, **dataclasses.asdict(self.params)}
+
+
+def _objective_keys() -> set[str]:
+    """The keys the objective section accepts: its own and every registered objective's fields."""
+    own = {f.name for f in dataclasses.fields(ObjectiveSection)} - {"params"}
+    return own.union(*({f.name for f in dataclasses.fields(cls)} for _, cls in OBJECTIVES.values()))
+
+
+def _build_objective(values: dict, prefix: str) -> ObjectiveSection:
+    """The objective section from flat leaves: the section's own, then the named objective's fields."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {values!r}")
+    known = _objective_keys()
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (known: {sorted(known)})")
+    hints = typing.get_type_hints(ObjectiveSection)
+    own = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in values.items()
+           if k in hints and k not in ("params", "name")}
+    name = _coerce(values.get("name", ObjectiveSection.name), str, f"{prefix}name")
+    try:
+        cls = config_class(name)
+    except ValueError:
+        raise ConfigError(f"{prefix}name: {name!r} is not one of {sorted(OBJECTIVES)}") from None
+    param_hints = typing.get_type_hints(cls)
+    params = {k: _coerce(v, param_hints[k], f"{prefix}{k}") for k, v in values.items() if k in param_hints}
+    try:
+        config = objective_config(name, params, where=prefix.rstrip("."))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return ObjectiveSection(name=name, params=config, **own)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,7 +355,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if hint is ObjectiveSection:
+            kwargs[name] = _build_objective(value, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
@@ -361,7 +409,12 @@ def _unknown_key(cls: type, values: dict, prefix: str = "") -> tuple[str, list[s
     for key, value in values.items():
         if key not in hints:
             return f"{prefix}{key}", sorted(hints)
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+        if hints[key] is ObjectiveSection and isinstance(value, dict):
+            known = _objective_keys()
+            unknown = sorted(set(value) - known)
+            if unknown:
+                return f"{prefix}{key}.{unknown[0]}", sorted(known)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             found = _unknown_key(hints[key], value, f"{prefix}{key}.")
             if found:
                 return found
@@ -430,18 +483,18 @@ def _from_overrides(message: str, tree: dict) -> str:
     return f"command-line overrides: {message}"
 
 
-def resolve_input_path(value: str | None, root: Path = REPO_ROOT) -> str | None:
-    """`value` as given when it is absolute, exists from the working directory or is not under `root`
-    either; else its path under `root` (the rule of the module docstring)."""
+def resolve_input_path(value: str | None, root: Path = ASSETS_ROOT) -> str | None:
+    """`value` as given when it is absolute, exists from the working directory, is not a shipped asset or is
+    not under `root` either; else its path under `root` (the rule of the module docstring)."""
     if not value:
         return value
     path = Path(value)
-    if path.is_absolute() or path.exists() or not (root / path).exists():
+    if path.is_absolute() or path.exists() or path.parts[0] not in ASSET_DIRS or not (root / path).exists():
         return value
     return str(root / path)
 
 
-def resolve_paths(config: Config, root: Path = REPO_ROOT) -> Config:
+def resolve_paths(config: Config, root: Path = ASSETS_ROOT) -> Config:
     """`config` with every setting of `INPUT_PATHS` passed through `resolve_input_path`."""
     sections: dict[str, dict] = {}
     for section, key in INPUT_PATHS:
@@ -454,7 +507,11 @@ def resolve_paths(config: Config, root: Path = REPO_ROOT) -> Config:
 
 
 def config_to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """The config as nested plain values; the objective section flat, as YAML sets it."""
+    out = dataclasses.asdict(config)
+    if isinstance(config, Config):
+        out["objective"] = config.objective.leaves()
+    return out
 
 
 def save_config_json(config: Any, path: str | Path) -> None:

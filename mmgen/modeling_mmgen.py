@@ -47,6 +47,7 @@ from mmgen.image_embedding import (
 )
 from mmgen.layout import TokenKind
 from mmgen.masks import build_block_mask, build_dense_mask, build_image_step_mask
+from mmgen.target_copies import TargetCopies, TargetPrefix
 from mmgen.tokenization import SpecialIds
 
 
@@ -64,25 +65,6 @@ class MMGenOutput(ModelOutput):
     cache: Cache | None = None
     last_hidden_state: torch.Tensor | None = None
     target_prefix: TargetPrefix | None = None
-
-
-@dataclass
-class TargetPrefix:
-    """What a training forward leaves for IMM's target copies (`forward(return_target_prefix=True)`).
-
-    The target copy x_r is run with the same weights as the student, and nothing attends to noisy
-    copies, so every TEXT/IMAGE_CLEAN token's keys and values are the same in both passes: the target
-    pass needs to run only its own image tokens over them (like a cached image step). cache: the
-    backbone's keys/values of the row's L + K columns (detached; the K appended null-context <|boi|>s of
-    unconditional images included, so their target copies read the same null context as their student copies);
-    hidden: the final hidden states (B, L + K, D), detached (prompt-reading heads read each image's <|boi|>);
-    meta: [token_kind, document_ids, image_ids, patch_ids, prefix_end] of those columns, (B, L + K) each, with
-    unconditional images' noisy copies pointing at their null <|boi|>; image_uncond: what the student saw."""
-
-    cache: DynamicCache
-    hidden: torch.Tensor
-    meta: list
-    image_uncond: torch.Tensor | None = None
 
 
 def _build_vae(config: MMGenConfig):
@@ -281,9 +263,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         noisy_latents: torch.Tensor | None = None,
         noisy_t: torch.Tensor | None = None,
         noisy_s: torch.Tensor | None = None,
-        target_latents: torch.Tensor | None = None,
-        target_t: torch.Tensor | None = None,
-        target_s: torch.Tensor | None = None,
+        target: TargetCopies | None = None,
         image_uncond: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -292,7 +272,6 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_clean_outputs: bool = False,
         return_target_prefix: bool = False,
-        target_prefix: TargetPrefix | None = None,
         **kwargs,
     ) -> MMGenOutput:
         """CONTRACTS.md §3. Two modes:
@@ -309,17 +288,17 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         never computed for image slots); else None (training: the loss needs only label positions).
         The loss shifts internally and ignores labels whose preceding token is not TEXT of the same document.
 
-        IMM's target copies without a second full pass: a packed forward with `return_target_prefix=True`
-        also returns `target_prefix` (its keys/values; None with flex_attention); the same rows' metadata with `target_latents`,
-        `target_t`, `target_s` and `target_prefix=` then run only the target copies — one per image, in the
-        slots of the rows' IMAGE_NOISY tokens — over that prefix and return `target_outputs`, equal to a
-        full forward with the target copies in the rows (`_target_forward`).
+        `target` (mmgen/target_copies.py): the second noisy copies, at the rows' IMAGE_TARGET tokens, whose G
+        is `target_outputs`. Without a second full pass: a packed forward with `return_target_prefix=True`
+        also returns `target_prefix` (its keys/values; None with flex_attention); the same rows' metadata with
+        `target=TargetCopies(latents, t, s, prefix=that)` then run only the target copies — one per image, in
+        the slots of the rows' IMAGE_NOISY tokens — over that prefix, equal to a full forward with the target
+        copies in the rows (`_target_forward`).
         """
         if input_ids is None:
             raise ValueError("input_ids is required (image slots carry the <|image|> placeholder id)")
-        if target_prefix is not None:
-            return self._target_forward(target_prefix, input_ids, position_ids, token_kind, target_latents, target_t,
-                                        target_s, image_uncond)
+        if target is not None and target.prefix is not None:
+            return self._target_forward(target, input_ids, position_ids, token_kind, image_uncond)
         B, L = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -346,7 +325,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
             copies = {
                 TokenKind.IMAGE_CLEAN: (clean, zeros, zeros),  # clean copy: t = s = 0
                 TokenKind.IMAGE_NOISY: (noisy_latents, noisy_t, noisy_s),
-                TokenKind.IMAGE_TARGET: (target_latents, target_t, target_s),
+                TokenKind.IMAGE_TARGET: (target.latents, target.t, target.s) if target else (None, None, None),
             }
             embeds, conds = self._embed_images(embeds, token_kind, image_ids, patch_ids, copies)
             bb_pos = position_ids
@@ -361,7 +340,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         else:
             bb_pos = position_ids
             if any(t is not None for t in (document_ids, image_ids, patch_ids, prefix_end, clean_latents,
-                                           noisy_latents, target_latents)):
+                                           noisy_latents, target)):
                 raise ValueError("image metadata/latents were given without token_kind")
 
         out = self.backbone(
@@ -413,14 +392,14 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
             prefix.update(layer.keys.detach(), layer.values.detach(), i)
         return prefix
 
-    def _target_forward(self, prefix: TargetPrefix, input_ids, position_ids, token_kind, target_latents, target_t,
-                        target_s, image_uncond) -> MMGenOutput:
+    def _target_forward(self, target: TargetCopies, input_ids, position_ids, token_kind, image_uncond) -> MMGenOutput:
         """Target copies only: row b's Q_b target tokens mirror its IMAGE_NOISY tokens (same image, patch,
         position, prefix: the null context for images the student saw unconditionally) and run over `prefix`
         (its L + K keys) and themselves; the mask is the packed rule's rows for them on the row extended by the
         target copies. `image_uncond` must be what the student pass saw (the prefix holds its null contexts)."""
-        if token_kind is None or target_latents is None:
-            raise ValueError("target_prefix needs the rows' packed metadata and target_latents")
+        if token_kind is None:
+            raise ValueError("target.prefix needs the rows' packed metadata")
+        prefix, target_latents = target.prefix, target.latents
         B, L = input_ids.shape
         same_uncond = (image_uncond is None or not bool(image_uncond.any())) if prefix.image_uncond is None else (
             image_uncond is not None and torch.equal(image_uncond.cpu(), prefix.image_uncond.cpu()))
@@ -451,7 +430,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         no_uncond = torch.zeros(target_latents.shape[0], dtype=torch.bool, device=input_ids.device)
         embeds = self.get_input_embeddings()(q_ids)  # (B, Q, D); image slots overwritten next
         embeds, conds = self._embed_images(embeds, q_kind, q_img, q_pid,
-                                           {TokenKind.IMAGE_TARGET: (target_latents, target_t, target_s)})
+                                           {TokenKind.IMAGE_TARGET: (target_latents, target.t, target.s)})
         mask = build_dense_mask(*ext, no_uncond, dtype=embeds.dtype, query_start=LK)  # (B, 1, Q, L + K + Q)
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=q_pos,
                             cache=FrozenPrefixCache(prefix.cache), use_cache=True)

@@ -234,6 +234,13 @@ class MMGenVAE(nn.Module):
         return self.normalize(self._raw_latents(images, sample, generator)).to(images.dtype)
 
     @torch.no_grad()
+    def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C_in, H, W) in [-1, 1] -> the posterior's mode before normalisation (float32): what a
+        latent cache stores, since ``normalize`` of it is what ``encode`` returns."""
+        self._check_images(images)
+        return self._raw_latents(images, False, None).float()
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, C_in, h*f, w*f) clamped to [-1, 1]."""
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():

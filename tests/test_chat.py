@@ -246,7 +246,7 @@ def test_unloadable_model_is_reported_without_a_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     run = _run(["--model", str(tmp_path / "empty"), "--prompt", "hi"], tmp_path)
     assert run.returncode == 2
-    assert "error: cannot load the model from" in run.stderr and "Traceback" not in run.stderr
+    assert "error: --model " in run.stderr and "cannot load the model from it" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize("model, offline", [("nope/dir", "1"), ("nope/dir/x", "0"), ("./nope", "0")])

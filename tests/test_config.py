@@ -11,6 +11,7 @@ from mmgen.config import Config, ConfigError, config_from_dict, config_to_dict, 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 DEEPSPEED = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 
 
 def test_presets_exist():
@@ -118,17 +119,50 @@ def test_deepspeed_configs_validate(path):
         assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_pass_accelerate_launch_up_to_starting_the_processes(path, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/NAME training/train.py` from the repository root (as
+    the README runs it), with accelerate's launchers replaced by a recorder: the file loads into accelerate's
+    config class, the launch command accepts it and picks one launcher, and a DeepSpeed file it names loads
+    into accelerate's DeepSpeedPlugin at the ZeRO stage of its file name (ZeRO-3 gathering 16-bit weights,
+    which the export needs)."""
+    from accelerate.commands import launch
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    monkeypatch.chdir(ROOT)
+    relative = str(path.relative_to(ROOT))
+    config = load_config_from_file(relative)
+    assert isinstance(config, ClusterConfig)
+    calls = []
+    for name in [n for n in dir(launch) if n.endswith("_launcher")]:  # none may start a process
+        monkeypatch.setattr(launch, name, lambda args, name=name: calls.append((name, args)))
+    launch.launch_command(launch.launch_command_parser().parse_args(["--config_file", relative, "training/train.py"]))
+    [(launcher, args)] = calls
+    assert (args.num_processes, args.num_machines) == (config.num_processes, config.num_machines)
+    if config.distributed_type != DistributedType.DEEPSPEED:
+        assert launcher == "simple_launcher" and config.num_processes == 1
+        return
+    assert launcher == "deepspeed_launcher"
+    plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed_config_file, zero3_init_flag=args.zero3_init_flag,
+                             zero3_save_16bit_model=args.zero3_save_16bit_model)
+    assert plugin.zero_stage == int(re.search(r"zero(\d)", path.name)[1])
+    assert plugin.zero_stage != 3 or plugin.zero3_save_16bit_model
+
+
 @pytest.mark.parametrize("objective", ["imm", "flow_matching"])
 def test_time_shift_reaches_the_objective_the_model_samples_with(objective):
     """`objective.time_shift` goes into the exported model config, so generation uses the same grid."""
     from mmgen.configuration_mmgen import MMGenConfig
+    from mmgen.objectives import objective_config
     from mmgen.training.build import objective_params
 
     cfg = load_config(ROOT / "configs" / "default.yaml", ["--objective.name", objective, "--objective.time_shift", "3"])
     params = objective_params(cfg)
     assert params["time_shift"] == 3.0
     model_config = MMGenConfig(objective=objective, objective_params=params)
-    assert model_config.objective_config().time_shift == 3.0
+    resolved = objective_config(model_config.objective, model_config.objective_params, sigma_data=model_config.sigma_data)
+    assert resolved.time_shift == 3.0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -180,8 +214,8 @@ def test_a_bad_value_in_the_file_is_named_as_the_file_even_with_overrides(tmp_pa
 
 
 def test_relative_input_paths_are_found_from_any_directory(tmp_path, monkeypatch):
-    """The rule of mmgen/config.py: a relative input path is looked up in the working directory, then in
-    the repository; outputs stay relative to the working directory."""
+    """The rule of mmgen/config.py: a relative input path is looked up in the working directory, then (for
+    the shipped configs/ and tokenizers/) in the repository; outputs and runs/ stay in the working directory."""
     monkeypatch.chdir(tmp_path)
     config = load_config(ROOT / "configs" / "default.yaml")
     assert config.model.tokenizer == str(ROOT / "tokenizers" / "shapes")
@@ -189,6 +223,8 @@ def test_relative_input_paths_are_found_from_any_directory(tmp_path, monkeypatch
     zero2 = load_config(ROOT / "configs" / "multigpu_zero2.yaml")
     assert zero2.run.deepspeed_config == str(ROOT / "configs" / "deepspeed" / "zero2.json")
     assert zero2.model.init_text_model == "HuggingFaceTB/SmolLM2-360M"  # in neither place: kept (a Hub id)
+    # the checkout's other files (its runs/vae, say) are not this directory's: kept as given
+    assert load_config(ROOT / "configs" / "default.yaml", ["--model.vae", "README.md"]).model.vae == "README.md"
     (tmp_path / "tokenizers" / "shapes").mkdir(parents=True)  # one of the working directory's own wins
     assert load_config(ROOT / "configs" / "default.yaml").model.tokenizer == "tokenizers/shapes"
     assert load_config(None, ["--model.tokenizer", "/abs/tok"]).model.tokenizer == "/abs/tok"

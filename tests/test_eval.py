@@ -15,16 +15,14 @@ from modeling_helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))  # eval/ holds scripts, not a package
 import colour_confusion
-import interleaved
-import judge
 import plot_nfe
 import quick_t2i
 import run
-import shapeeval
-import shapefd
 
 from mmgen.data.judge import judge_image
 from mmgen.data.shapes import Scene, ShapeObject, render, sample_scene
+from mmgen.evaluation import interleaved, shapeeval, shapefd
+from mmgen.evaluation.judge import JUDGED_SECTIONS, judge_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -83,8 +81,8 @@ def test_quick_run_writes_results_report_and_plots(quick_run):
 def test_rejudging_the_saved_run_gives_identical_numbers(quick_run):
     out, _ = quick_run
     saved = json.loads((out / "results.json").read_text())
-    again = json.loads(json.dumps(judge.judge_all(out)))
-    for key in judge.JUDGED_SECTIONS:
+    again = json.loads(json.dumps(judge_all(out)))
+    for key in JUDGED_SECTIONS:
         assert json.dumps(again[key], sort_keys=True) == json.dumps(saved[key], sort_keys=True), key
 
 
@@ -248,32 +246,11 @@ def test_quick_t2i_writes_accuracies_captions_and_prompt_sensitivity(tiny_export
     assert results["prompt_sensitivity"]["ratio"] > 0  # an untrained model's image already moves with the prompt
 
 
-def test_gpu_summary_collects_curves_evaluations_and_unfinished_runs(tmp_path):
-    import gpu_summary
-
-    for name, steps, finished in (("fm_10", 10, True), ("imm_30", 20, False)):
-        run = tmp_path / "runs" / name
-        run.mkdir(parents=True)
-        lines = [{"step": s, "loss": 1.0 / s, "loss_text": 0.5, "loss_image": 0.5 / s, "tokens_per_s": 100.0,
-                  "mfu": 0.1} for s in range(5, steps + 1, 5)]  # fmt: skip
-        (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [{"event": "start"}, *lines]))
-        if finished:
-            (run / "final").mkdir()
-            (run / "final" / "model.safetensors").write_bytes(b"")
-            (run / "eval.json").write_text(json.dumps({"summary": {"train/single@4": 0.25}}))
-    out = gpu_summary.main([str(tmp_path / "runs"), str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
-    assert out["fm_10"]["finished"] and out["fm_10"]["summary"] == {"train/single@4": 0.25}
-    assert not out["imm_30"]["finished"] and "summary" not in out["imm_30"]
-    assert out["imm_30"]["last"]["step"] == 20 and [c["step"] for c in out["imm_30"]["curve"]] == [5, 10, 15, 20]
-    assert json.loads((tmp_path / "r.json").read_text()) == out
-    assert (tmp_path / "r.png").stat().st_size > 1000
-
-
 def test_end_of_run_evaluation_reports_partial_verdicts_and_the_model_card_shows_them(tiny_export):
     from transformers import AutoModel, AutoProcessor
 
     from mmgen.config import load_config
-    from mmgen.training.evaluate import PARTIAL_VERDICTS, end_of_run_evaluation
+    from mmgen.evaluation.quick import PARTIAL_VERDICTS, end_of_run_evaluation
     from mmgen.training.export import _metrics_table
 
     model = AutoModel.from_pretrained(tiny_export).eval()

@@ -194,7 +194,9 @@ def test_t2i_image_depends_only_on_its_prompt_and_seed(model, processor):
 def test_t2i_sampler_choice_reaches_the_sampler(model, processor, monkeypatch):
     """`sampler="euler"` integrates an IMM model's s = t velocity: G is called with stride 0 at every step."""
     strides = []
-    real = G.sample
+    from mmgen.generation import image as generation_image
+
+    real = generation_image.sample
 
     def spy(net, *args, **kwargs):
         def logged(x, t_in, s_in, cond):
@@ -203,7 +205,7 @@ def test_t2i_sampler_choice_reaches_the_sampler(model, processor, monkeypatch):
 
         return real(logged, *args, **kwargs)
 
-    monkeypatch.setattr(G, "sample", spy)
+    monkeypatch.setattr(generation_image, "sample", spy)
     assert model.config.objective == "imm"
     G.generate_images_for_prompts(model, processor, ["Draw a red circle."], num_steps=3, seeds=[0])
     assert len(strides) == 3 and min(strides) > 0  # pushforward jumps: stride 1000 (t - s) > 0
@@ -352,7 +354,7 @@ def test_prompt_sensitivity_sees_the_prompt_and_is_zero_for_one_prompt(model, pr
     """The end-of-run diagnostic: an untrained model's one-step image already moves with the prompt
     (the noisy copy reads it); repeating one prompt gives no prompt effect (exactly zero with linear patches;
     rounding only with the U-Net codec, whose batched convolutions are not bit-identical across rows)."""
-    from mmgen.training.evaluate import prompt_sensitivity
+    from mmgen.evaluation.quick import prompt_sensitivity
 
     varied = prompt_sensitivity(model, processor, prompts=("Draw a red circle.", "Draw two blue squares."),
                                 num_seeds=2)

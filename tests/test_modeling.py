@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from modeling_helpers import latents_for, pack, tiny_config
 
 from mmgen.masks import TokenKind
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
+from mmgen.target_copies import TargetCopies
 
 
 @pytest.fixture(scope="module", params=["linear", "unet", "adaln_prompt"])
@@ -172,7 +175,7 @@ def test_eager_and_sdpa_agree():
     batch, images = pack([[[("t", 3), ("i",), ("t", 2)]], [[("t", 6)], [("t", 2), ("i",)]]], sdpa.config,
                          num_noisy_copies=2)
     lat = latents_for(sdpa.config, len(images))
-    lat.update(target_latents=lat["noisy_latents"] * 0.5, target_t=lat["noisy_t"], target_s=lat["noisy_s"] / 2)
+    lat.update(target=TargetCopies(lat["noisy_latents"] * 0.5, lat["noisy_t"], lat["noisy_s"] / 2))
     a, b = sdpa(**batch, **lat), eager(**batch, **lat)
     for name in ("logits", "image_outputs", "target_outputs"):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
@@ -208,7 +211,7 @@ def test_generate_with_cache_equals_greedy_without_cache(model):
 def test_imm_loss_trains_through_the_model(model):
     from mmgen.objectives import get_objective
 
-    loss_fn, _ = get_objective("imm", num_particles=2)
+    loss_fn, _ = get_objective("imm", num_particles=2, p_uncond=0.0)  # no drop_cond: no guidance dropout
     batch, images = pack([[[("t", 3), ("i",)]], [[("t", 4), ("i",)]]], model.config)
     lat = latents_for(model.config, len(images))
     cond = {**batch, "clean_latents": lat["clean_latents"]}
@@ -239,9 +242,8 @@ def test_target_copies_over_the_student_prefix_equal_a_full_target_forward(model
     target = latents_for(model.config, len(images), seed=1)  # x_r with its own times
     uncond = torch.tensor([True, False, True, False]) if dropped else torch.zeros(len(images), dtype=torch.bool)
     student = model(**batch, **lat, image_uncond=uncond, return_target_prefix=True)
-    fused = model(**batch, clean_latents=lat["clean_latents"], target_latents=target["noisy_latents"],
-                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix,
-                  image_uncond=uncond)
+    copies = TargetCopies(target["noisy_latents"], target["noisy_t"], target["noisy_s"], prefix=student.target_prefix)
+    fused = model(**batch, clean_latents=lat["clean_latents"], target=copies, image_uncond=uncond)
     full = model(**batch, clean_latents=lat["clean_latents"], noisy_latents=target["noisy_latents"],
                  noisy_t=target["noisy_t"], noisy_s=target["noisy_s"], image_uncond=uncond).image_outputs
     torch.testing.assert_close(fused.target_outputs, full, rtol=1e-4, atol=1e-5)
@@ -251,17 +253,14 @@ def test_target_copies_over_the_student_prefix_equal_a_full_target_forward(model
         assert (conditional[0] - fused.target_outputs[0]).abs().max() > 1e-4
         torch.testing.assert_close(conditional[1], fused.target_outputs[1], rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="image_uncond differs"):
-            model(**batch, clean_latents=lat["clean_latents"], target_latents=target["noisy_latents"],
-                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix)
+            model(**batch, clean_latents=lat["clean_latents"], target=copies)
     # and it is the target's own input that it reads: other x_r, other outputs
-    other = model(**batch, clean_latents=lat["clean_latents"], target_latents=-target["noisy_latents"],
-                  target_t=target["noisy_t"], target_s=target["noisy_s"], target_prefix=student.target_prefix,
-                  image_uncond=uncond)
+    other = model(**batch, clean_latents=lat["clean_latents"], image_uncond=uncond,
+                  target=dataclasses.replace(copies, latents=-target["noisy_latents"]))
     assert (other.target_outputs - fused.target_outputs).abs().max() > 1e-4
     # the packed rows with the target copies inside (num_noisy_copies=2) agree too
     both, _ = pack(rows, model.config, num_noisy_copies=2)
-    inline = model(**both, **lat, target_latents=target["noisy_latents"], target_t=target["noisy_t"],
-                   target_s=target["noisy_s"], image_uncond=uncond).target_outputs
+    inline = model(**both, **lat, target=dataclasses.replace(copies, prefix=None), image_uncond=uncond).target_outputs
     torch.testing.assert_close(fused.target_outputs, inline, rtol=1e-4, atol=1e-5)
 
 
@@ -288,7 +287,7 @@ def test_training_step_with_the_prefix_target_pass_equals_the_full_one(model):
     vae = _FixedLatents(latents_for(model.config, len(images))["clean_latents"])
     loss_fn, _ = get_objective("imm", num_particles=2, p_uncond=0.5, fm_fraction=0.5)
     results, calls = {}, []
-    spy = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("target_prefix")),
+    spy = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(getattr(kwargs.get("target"), "prefix", None)),
                                           with_kwargs=True)
     model.train()
     try:

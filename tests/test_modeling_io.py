@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
@@ -16,6 +17,8 @@ from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForC
 import mmgen  # noqa: F401  (registration)
 from mmgen.configuration_mmgen import SPECIAL_TOKENS, MMGenConfig
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
+from mmgen.objectives import objective_config
+from mmgen.target_copies import TargetCopies
 
 
 def _model(**overrides):
@@ -27,7 +30,7 @@ def _inputs(config, seed=0):
     batch, images = pack([[[("t", 4), ("i",), ("t", 3)]], [[("t", 5), ("i",)]]], config,
                          num_noisy_copies=2, seed=seed, with_labels=True)
     lat = latents_for(config, len(images), seed=seed)
-    lat.update(target_latents=0.9 * lat["noisy_latents"], target_t=0.8 * lat["noisy_t"], target_s=lat["noisy_s"] / 3)
+    lat.update(target=TargetCopies(0.9 * lat["noisy_latents"], 0.8 * lat["noisy_t"], lat["noisy_s"] / 3))
     return {**batch, **lat}
 
 
@@ -40,10 +43,7 @@ def _inputs(config, seed=0):
         ({"patch_size": 0}, "patch_size"),
         ({"latent_channels": 8}, "latent_channels"),
         ({"image_head": "mlp"}, "image_head"),
-        ({"objective": "ddpm"}, "objective"),
-        ({"objective_params": {"num_particle": 4}}, "objective_params"),
         ({"objective_params": {"sigma_data": 1.0}}, "objective_params"),
-        ({"objective_params": {"time_input": "sideways"}}, "objective_params"),
         ({"latent_std": [1.0, 1.0]}, "latent_std"),
         ({"latent_std": [1.0, 0.0, 1.0, 1.0]}, "latent_std"),
         ({"sigma_data": -0.5}, "sigma_data"),
@@ -57,6 +57,32 @@ def test_bad_config_raises_an_error_naming_the_field(overrides, field):
         MMGenConfig(**overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"objective": "ddpm"}, "objective"),
+        ({"objective_params": {"num_particle": 4}}, "objective_params"),
+        ({"objective_params": {"time_input": "sideways"}}, "objective_params"),
+    ],
+)
+def test_bad_objective_settings_raise_an_error_naming_the_field_where_they_are_resolved(overrides, field):
+    config = MMGenConfig(**overrides)  # the model config stores the objective's settings unread
+    with pytest.raises(ValueError, match=field):
+        objective_config(config.objective, config.objective_params, sigma_data=config.sigma_data)
+
+
+def test_the_model_its_config_and_the_processor_import_no_objective_sampler_or_script():
+    import subprocess
+    import sys
+
+    code = ("import sys, mmgen; print(sorted(m for m in sys.modules if m.startswith(('mmgen.objectives', "
+            "'mmgen.sampling', 'mmgen.generation', 'mmgen.training', 'training', 'eval'))))")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
 def test_config_geometry_and_roundtrip(tmp_path):
     config = MMGenConfig()
     assert config.latent_size == config.image_size // config.vae_scale_factor
@@ -65,7 +91,8 @@ def test_config_geometry_and_roundtrip(tmp_path):
     config.save_pretrained(tmp_path)
     again = MMGenConfig.from_pretrained(tmp_path)
     assert again.to_dict() == config.to_dict()
-    assert again.objective_config().num_particles == 4  # DESIGN.md §5 default reaches the objective
+    resolved = objective_config(again.objective, again.objective_params, sigma_data=again.sigma_data)
+    assert resolved.num_particles == 4  # DESIGN.md §5 default reaches the objective
 
 
 def test_message_names_both_numbers_when_image_size_does_not_divide():

@@ -443,6 +443,62 @@ def test_flow_matching_groups_regress_the_velocity_at_s_equal_t():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
+def _ot_fm_imm_weight(t, a=2.0, b=4.0):
+    """IMM Eq. (13) with App. C.5 for OT-FM by hand: alpha = 1 - t, sigma = t, lambda = 2 log((1 - t) / t),
+    -d lambda / dt = 2 / (t (1 - t))."""
+    lam = 2 * torch.log((1 - t) / t)
+    return 0.5 * torch.sigmoid(b - lam) * 2 / (t * (1 - t)) * (1 - t) ** a / ((1 - t) ** 2 + t**2)
+
+
+def _laplace_mmd2(student, target, w, dim):
+    """V-statistic MMD^2 of two (M, D) sets with k(a, b) = exp(-w ||a - b|| / D) (IMM Eq. (12), App. C.4)."""
+    def k(a, b):
+        return torch.exp(-w * torch.cdist(a, b) / dim).mean()
+
+    return k(student, student) + k(target, target) - 2 * k(student, target)
+
+
+def test_mixed_groups_average_mmd_over_the_imm_groups_and_add_the_flow_matching_term():
+    """fm_fraction = 0.5 (the default config's): the IMM term is the mean of w(s, t) MMD^2 over the IMM
+    groups only (the flow-matching groups' MMD^2 is 0 and left out of the mean), plus fm_weight times the
+    velocity regression over the flow-matching groups' items. Reference rebuilt from the recorded network
+    calls with the OT-FM / Euler-FM formulas written out here."""
+    torch.manual_seed(0)
+    net, x = RecordingNet(6), _batch(b=8)
+    sd, m = 0.5, 2
+    config = IMMConfig(num_particles=m, fm_fraction=0.5, fm_weight=0.3, sigma_data=sd)
+    loss, diag = imm_loss(net, x, config=config, generator=torch.Generator().manual_seed(9))
+    assert diag["frac_fm_groups"] == 0.5  # this seed draws two IMM and two flow-matching groups
+    student, target = net.calls
+    t = student["t_in"].double() / 1000
+    s = t - student["s_in"].double() / 1000  # stride time input: s_in = 1000 (t - s)
+    r = target["t_in"].double() / 1000
+
+    def decoded(call, time):  # x_in = c_in x_t, c_in = 1 / (sigma_d sqrt(alpha^2 + sigma^2))
+        return call["x_in"].double() * (sd * torch.sqrt((1 - time) ** 2 + time**2))[:, None, None]
+
+    x_t, x_r = decoded(student, t), decoded(target, r)
+    g_t, g_r = student["out"].detach().double(), target["out"].double()
+    f_student = x_t - ((t - s) * sd)[:, None, None] * g_t  # Euler-FM flow map, IMM App. C.3
+    f_target = x_r - ((r - s) * sd)[:, None, None] * g_r
+    imm_terms, fm_items = [], []
+    for group in range(0, 8, m):
+        items = slice(group, group + m)
+        if s[group] == t[group]:
+            fm_items.append(items)
+            continue
+        mmd2 = _laplace_mmd2(f_student[items].reshape(m, -1), f_target[items].reshape(m, -1),
+                             1 / ((t[group] - s[group]) * sd), 6)
+        imm_terms.append(_ot_fm_imm_weight(t[group]) * mmd2)
+    assert len(imm_terms) == 2 and len(fm_items) == 2
+    eps = torch.cat([((x_t - (1 - t)[:, None, None] * x.double()) / t[:, None, None])[i] for i in fm_items])
+    velocity = (eps - torch.cat([x.double()[i] for i in fm_items])) / sd
+    fm = (torch.cat([g_t[i] for i in fm_items]) - velocity).pow(2).mean()
+    imm = sum(imm_terms) / len(imm_terms)
+    assert imm > 0.1 * 0.3 * fm  # the IMM term is not negligible beside the flow-matching one
+    torch.testing.assert_close(loss.double(), imm + 0.3 * fm, rtol=1e-4, atol=0.0)
+
+
 def test_flow_matching_groups_need_the_euler_parameterisation():
     with pytest.raises(ValueError, match="euler_fm"):
         IMMConfig(fm_fraction=0.5, parameterization="simple_edm", interpolant="cosine")

@@ -88,7 +88,7 @@ def _train_two_class(group_by_condition: bool, steps=400, seed=0):
     torch.manual_seed(seed)
     net, gen = _CondNet(), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    config = IMMConfig(num_particles=4)
+    config = IMMConfig(num_particles=4, p_uncond=0.0)  # no drop_cond: no guidance dropout
     centres = torch.tensor([[0.5, 0.5], [-0.5, -0.5]])
     for _ in range(steps):
         c = torch.randint(0, 2, (64,), generator=gen)

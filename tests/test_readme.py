@@ -1,6 +1,7 @@
 """The README's Quickstart is what CI runs: the same install command and the same test command."""
 
 import re
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,7 +16,7 @@ def quickstart_commands() -> list[str]:
 def test_quickstart_has_two_commands_install_then_test():
     commands = quickstart_commands()
     assert len(commands) == 2, commands
-    assert commands[0].startswith('pip install -e ".[dev]"')
+    assert commands[0].startswith('pip install -c constraints.txt -e ".[dev]"')
     assert commands[1] == "pytest"
 
 
@@ -30,3 +31,19 @@ def test_ci_runs_exactly_the_readme_commands():
 def test_tokenizers_dir_is_not_a_python_package():
     # A `tokenizers/__init__.py` would shadow Hugging Face's `tokenizers` package.
     assert not (ROOT / "tokenizers" / "__init__.py").exists()
+
+
+def test_the_install_constraints_pin_every_dependency_and_torch_exactly():
+    # pyproject.toml states ranges; the Quickstart installs with constraints.txt, so CI and users get the tested
+    # set, and torch the CPU-or-preinstalled build of one version rather than whatever CUDA build a range finds.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = project["dependencies"] + [r for reqs in project["optional-dependencies"].values() for r in reqs]
+    names = {_normal(re.match(r"[A-Za-z0-9_.-]+", r)[0]) for r in required} - {"mmgen"}
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and line[0] != "#"]
+    pins = dict(line.split("==") for line in lines)
+    assert names <= {_normal(name) for name in pins}, names - {_normal(name) for name in pins}
+    assert pins["torch"] == "2.13.0"
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()

@@ -137,6 +137,31 @@ def test_restart_draws_fresh_noise_deterministically_from_the_generator():
     assert not torch.allclose(fresh, noise.double())
 
 
+def test_restart_renoises_the_flow_maps_clean_estimate_along_the_grid():
+    """IMM Alg. 3 with a network whose output depends on x, t and s, followed by hand in float64 (OT-FM,
+    Euler-FM): x_0 = T noise; each step jumps to eps = 0 with f_{0,t}(x_t) = x_t - t sigma_d G, and the next
+    x_t = (1 - t) f + t sigma_d z with z the generator's next standard normal draw."""
+    config, sd = IMMConfig(), 0.5
+    grid = [0.994, 0.994 * 2 / 3, 0.994 / 3, 0.0]  # linspace(T, eps, 4) with T = 0.994, eps = 0
+
+    def net(x_in, t_in, s_in, cond):  # t_in = 1000 t, s_in = 1000 (t - s) (stride time input)
+        return torch.tanh(3 * x_in) * (1 + t_in[:, None] / 1000) - 0.7 * s_in[:, None] / 1000
+
+    def jump_to_zero(x_t, t):
+        x_in = x_t / (sd * math.sqrt((1 - t) ** 2 + t**2))  # c_in(t) x_t
+        g = net(x_in, torch.full((x_t.shape[0],), 1000 * t), torch.full((x_t.shape[0],), 1000 * t), None)
+        return x_t - t * sd * g
+
+    noise = initial_noise((4, 3), torch.Generator().manual_seed(0), dtype=F64)
+    out = restart(net, noise, num_steps=3, config=config, generator=torch.Generator().manual_seed(7))
+    draws = torch.Generator().manual_seed(7)
+    x_clean = jump_to_zero(grid[0] * noise, grid[0])
+    for t in grid[1:-1]:
+        x_t = (1 - t) * x_clean + t * sd * torch.randn((4, 3), generator=draws, dtype=F64)
+        x_clean = jump_to_zero(x_t, t)
+    torch.testing.assert_close(out, x_clean, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_one_step_pushforward_of_a_point_mass_lands_on_it(name):
     config = CONFIGS[name]

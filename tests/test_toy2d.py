@@ -1,4 +1,4 @@
-"""Specifications of the 2-D benchmark (eval/toy2d.py) and its metrics (eval/metrics2d.py)."""
+"""Specifications of the 2-D benchmark (eval/toy2d.py) and its metrics (mmgen/evaluation/metrics2d.py)."""
 
 import json
 import sys
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # eval/ holds scripts, not a package
-import metrics2d
 import toy2d
+
+from mmgen.evaluation import metrics2d
 
 TINY = toy2d.Toy2DConfig(
     steps=40, batch_size=64, width=32, depth=2, emb_dim=16, num_eval=256, num_projections=256

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ROOT, TINY, launch, load_script, losses, make_tiny_vae
+from train_helpers import ROOT, TINY, TRAIN_TINY_STAGE1, launch, load_script, losses, make_tiny_vae
 
 GOLDEN = ROOT / "tests" / "data" / "golden_losses.json"
 
@@ -25,9 +26,26 @@ def common(inputs, out: Path, name: str = "t") -> list[str]:
             "--run.output_dir", str(out), "--run.name", name]
 
 
-def test_three_steps_through_accelerate_launch_give_a_loadable_export(inputs, tmp_path):
-    launch(common(inputs, tmp_path))
-    final = tmp_path / "t" / "final"
+# Relative and under runs/, so train.py's stage 1 makes it in the working directory; a name no checkout holds,
+# since a relative input path that is missing there is looked up in the repository.
+STAGE1_VAE = "runs/vae-made-by-stage-1"
+
+
+@pytest.fixture(scope="module")
+def user_run(inputs, tmp_path_factory) -> Path:
+    """Three steps as a user runs them: `accelerate launch` from a directory of their own, without stage 1's
+    VAE (made first, shrunk to seconds), outputs under ./runs/, and the end-of-run evaluation (two samples
+    per cell) into the export. Returns that directory."""
+    cwd = tmp_path_factory.mktemp("user")
+    launch(["--model.vae", STAGE1_VAE, "--data.shapes_dir", str(inputs["shards"]), "--run.name", "t",
+            "--eval.at_end", "true", "--eval.num_samples", "2", "--eval.num_steps", "1"],
+           script=TRAIN_TINY_STAGE1, cwd=cwd)  # fmt: skip
+    return cwd
+
+
+def test_three_steps_through_accelerate_launch_give_a_loadable_export(user_run):
+    run = user_run / "runs" / "t"
+    final = run / "final"
     from transformers import AutoModel, AutoProcessor
 
     import mmgen  # noqa: F401  (registers the Auto classes)
@@ -38,10 +56,61 @@ def test_three_steps_through_accelerate_launch_give_a_loadable_export(inputs, tm
     assert processor.num_image_tokens == model.config.num_image_tokens == 16
     assert (final / "model.safetensors").is_file() and not list(final.glob("*.bin"))
     assert "Evaluation" in (final / "README.md").read_text()
-    steps = [row["step"] for row in losses(tmp_path / "t")]
+    steps = [row["step"] for row in losses(run)]
     assert steps == [1, 2, 3]
-    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text())
     assert config["optim"]["max_steps"] == 3
+
+
+def test_a_missing_stage1_vae_is_made_and_the_model_is_built_on_it(user_run):
+    vae = user_run / STAGE1_VAE
+    assert (vae / "COMPLETE").is_file() and (vae / "diffusion_pytorch_model.safetensors").is_file()
+    stats = json.loads((vae / "latent_stats.json").read_text())
+    exported = json.loads((user_run / "runs" / "t" / "final" / "config.json").read_text())
+    assert exported["latent_mean"] == pytest.approx(stats["latents_mean"], rel=1e-6)
+    assert exported["latent_std"] == pytest.approx(stats["latents_std"], rel=1e-6)
+
+
+def _card_rows(card: str) -> dict[str, list[str]]:
+    """The model card's evaluation table: {"t2i train/single@1": [accuracy, n, "[lo, hi]", partial], ...}."""
+    section = card.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| metric")]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_the_model_card_table_rounds_each_number_of_its_metrics_in_its_column():
+    """Numbers a three-step run never reaches (its accuracies are all 0) go into the card rounded."""
+    from mmgen.training.export import _metrics_table
+
+    metrics = {"t2i": {"train/single@4": {"accuracy": 0.4378, "n": 16, "ci95": [0.2312, 0.6682],
+                                          "partial": {"valid": 0.9391, "colours": 0.6249}}},
+               "caption": {"heldout_combos": {"accuracy": 0.8121, "n": 16, "ci95": [0.57, 0.9341]}}}
+    rows = _card_rows("## Evaluation\n" + _metrics_table(metrics))
+    assert rows == {"t2i train/single@4": ["0.438", "16", "[0.231, 0.668]", "valid 0.94 colours 0.62"],
+                    "caption heldout_combos": ["0.812", "16", "[0.570, 0.934]", ""]}
+
+
+def test_the_model_card_shows_the_end_of_run_evaluation_numbers(user_run):
+    """Every accuracy, count, interval and partial verdict of RUN/eval.json appears, rounded, in the export's
+    README.md, and the export carries the same eval.json."""
+    run = user_run / "runs" / "t"
+    metrics = json.loads((run / "eval.json").read_text())
+    assert json.loads((run / "final" / "eval.json").read_text()) == metrics
+    card = (run / "final" / "README.md").read_text()
+    rows = _card_rows(card)
+    cells = {f"{group} {key}": v for group in ("t2i", "caption") for key, v in metrics[group].items()}
+    assert set(rows) == set(cells) and len(cells) == 2 * 2 + 2  # splits x (single, two) at 1 step; captions
+    for name, v in cells.items():
+        accuracy, n, interval, partial = rows[name]
+        assert float(accuracy) == pytest.approx(v["accuracy"], abs=5e-4) and int(n) == v["n"] == 2, name
+        lo, hi = (float(x) for x in interval.strip("[]").split(","))
+        assert (lo, hi) == pytest.approx(tuple(v["ci95"]), abs=5e-4), name
+        words = partial.split()
+        shown = {k: float(x) for k, x in zip(words[::2], words[1::2])}
+        assert shown == pytest.approx(v.get("partial", {}), abs=5e-3), name
+    ratio = float(re.search(r"0 = the image ignores the text\): ([0-9.]+)", card)[1])
+    assert ratio == pytest.approx(metrics["prompt_sensitivity"]["ratio"], abs=5e-4)
 
 
 def test_unknown_override_fails_naming_the_key():
@@ -160,7 +229,9 @@ def test_golden_loss_curve_of_the_tiny_config(inputs, tmp_path):
     golden = json.loads(GOLDEN.read_text())
     assert len(curve["text"]) == 20
     torch.testing.assert_close(torch.tensor(curve["text"]), torch.tensor(golden["text"]), rtol=2e-3, atol=1e-4)
-    torch.testing.assert_close(torch.tensor(curve["image"]), torch.tensor(golden["image"]), rtol=2e-2, atol=1e-4)
+    # Image losses run from ~1e-5 to ~0.1: the tolerance is relative; atol stays above float32 round-off of an
+    # MMD^2 (a difference of kernel means of order 1), far below the smallest golden value.
+    torch.testing.assert_close(torch.tensor(curve["image"]), torch.tensor(golden["image"]), rtol=2e-2, atol=1e-6)
     assert curve["text"][-1] < curve["text"][0]  # it learns
 
 
@@ -197,7 +268,6 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_when_in_a_row():
 def test_run_seed_does_not_rebuild_the_shared_shards_but_data_seed_does(inputs, tmp_path, capsys):
     """Runs that differ only in run.seed share data.shapes_dir (rebuilding it in place would change the
     documents under a run still reading them); data.seed is what the documents are drawn from."""
-    import contextlib
     import importlib.util
     import sys
 
@@ -205,13 +275,9 @@ def test_run_seed_does_not_rebuild_the_shared_shards_but_data_seed_does(inputs, 
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "training" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    from train_helpers import TINY
+    from train_helpers import TINY, MainProcess
 
     from mmgen.config import load_config
-
-    class MainProcess:
-        is_main_process = True
-        main_process_first = staticmethod(contextlib.nullcontext)
 
     def prepare(*overrides):
         cfg = load_config(TINY, ["--model.vae", str(inputs["vae"]), "--data.shapes_dir", str(tmp_path / "shards"),

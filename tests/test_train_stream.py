@@ -140,3 +140,56 @@ def test_stream_benchmark_writes_one_row_per_setting_and_a_plot(shards, tmp_path
     assert all(r["batches"] > 0 and r["ms_per_step"] > 0 and 0 <= r["input_share"] <= 1 for r in rows)
     assert json.loads(out.read_text()) == rows
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+class _KindRecordingReader:
+    """The trainer's reader, noting the kind (meta "task") of each document it reads, in stream order."""
+
+    def __init__(self, reader):
+        self.reader, self.kinds = reader, []
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
+
+    def __iter__(self):
+        for doc in self.reader:
+            self.kinds.append(doc["meta"]["task"])
+            yield doc
+
+
+def test_the_default_configs_document_mix_reaches_the_trainer_with_every_kind(tmp_path, tokenizer):
+    """configs/default.yaml's data section (tasks, particles, t2i_max_objects, seq_len, loss_on) through
+    train.py's shard preparation into the trainer's batches, on 200 documents: every kind of document is
+    delivered, none is skipped or loses an image, and each kind's share is its weight in the YAML within
+    four binomial standard deviations."""
+    import math
+
+    import yaml
+    from train_helpers import ROOT, MainProcess, load_script
+
+    from mmgen.data.shapes_docs import TASK_WEIGHTS, TASKS
+    from mmgen.training.vae_stage import VAETrainConfig
+
+    train = load_script("training/train.py")
+    num_docs = 200
+    cfg = train.parse_args(["--data.shapes_dir", str(tmp_path / "shards"), "--data.num_docs", str(num_docs),
+                            "--data.samples_per_shard", "100", "--model.vae", str(tmp_path / "unused")])  # fmt: skip
+    shards = train.prepare_inputs(cfg, MainProcess())
+    factor = VAETrainConfig().downsample_factor  # stage 1's latents
+    packing = PackingConfig(seq_len=cfg.data.seq_len, image_size=cfg.model.image_size, num_noisy_copies=1,
+                            num_image_tokens=(cfg.model.image_size // factor // cfg.model.patch_size) ** 2,
+                            text_loss=cfg.data.loss_on, image_loss=cfg.data.loss_on)  # fmt: skip
+    stream = TrainStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed)
+    recorder = stream.batches.reader = _KindRecordingReader(stream.batches.reader)
+    while len(recorder.kinds) < num_docs:  # one epoch's worth of documents read by the trainer's stream
+        next(stream)
+    delivered = recorder.kinds[:num_docs]
+    assert stream.stats["num_skipped_documents"] == stream.stats["num_dropped_images"] == 0
+    assert set(delivered) == set(TASKS)
+    items = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["data"]["tasks"]
+    weights = {item.split("=")[0]: float(item.split("=")[1]) if "=" in item else TASK_WEIGHTS[item]
+               for item in items}  # fmt: skip
+    n = len(delivered)
+    for kind, w in weights.items():
+        p = w / sum(weights.values())
+        assert abs(delivered.count(kind) / n - p) < 4 * math.sqrt(p * (1 - p) / n), (kind, delivered.count(kind), n)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from train_helpers import TINY_STAGE1
 
 from mmgen.training import vae_stage as tv
 from mmgen.vae import MMGenVAE
 
-TINY = {"steps": 3, "batch_size": 4, "base_channels": 8, "num_stats": 48, "num_eval": 8, "seed": 0}
 DEAD_PID = 2**22 + 12345  # above Linux's default pid_max: never a live process
 
 
@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
     stale = out.parent / f".tmp-vae-{DEAD_PID}"
     stale.mkdir()
     assert not tv.is_complete(out)
-    tv.ensure_vae(out, progress=False, **TINY)
+    tv.ensure_vae(out, progress=False, **TINY_STAGE1)
     return out
 
 
@@ -64,7 +64,7 @@ def test_half_written_output_and_dead_temp_dirs_are_replaced(run_dir):
 def test_ensure_vae_on_a_complete_output_does_nothing(run_dir, monkeypatch):
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     monkeypatch.setattr(tv, "train_vae", lambda *a, **k: pytest.fail("stage 1 reran on a complete output"))
-    assert tv.ensure_vae(run_dir, **TINY) == run_dir
+    assert tv.ensure_vae(run_dir, **TINY_STAGE1) == run_dir
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
 
@@ -76,7 +76,7 @@ def test_a_run_that_dies_before_the_rename_leaves_nothing_complete(tmp_path, mon
 
     monkeypatch.setattr(tv, "save_grid", die)  # fails after the weights are already in the temp dir
     with pytest.raises(RuntimeError, match="killed while writing"):
-        tv.ensure_vae(out, progress=False, **{**TINY, "steps": 1, "num_stats": 8})
+        tv.ensure_vae(out, progress=False, **{**TINY_STAGE1, "steps": 1, "num_stats": 8})
     assert not out.exists() and not tv.is_complete(out)
     monkeypatch.setattr(tv, "train_vae", lambda cfg, progress=True: "retrained")
     assert tv.ensure_vae(out) == "retrained"

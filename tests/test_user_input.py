@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmgen.cli import ArgumentParser, UsageError, check_model_source, looks_local, run_cli, text_problem
+from mmgen.cli import ArgumentParser, UsageError, run_cli, text_problem
+from mmgen.loading import check_model_source, looks_local
 
 
 def test_a_usage_error_is_one_line_and_status_2_and_debug_shows_the_traceback(capsys):
@@ -80,7 +81,7 @@ def test_eval_scripts_name_a_bad_model_or_step_count_in_one_line(script, tmp_pat
     assert run_cli(module.main, ["--model", str(tmp_path / "missing"), "--out", out]) == 2
     assert capsys.readouterr().err == f"error: no such model directory: {tmp_path / 'missing'}\n"
     assert run_cli(module.main, ["--model", str(tmp_path), "--out", out]) == 2  # a directory, not an export
-    assert capsys.readouterr().err.startswith(f"error: --model {tmp_path}: cannot load an mmgen model from it (")
+    assert capsys.readouterr().err.startswith(f"error: --model {tmp_path}: cannot load the model from it (")
     assert run_cli(module.main, ["--model", str(tmp_path), "--out", out, "--steps", "0"]) == 2
     assert capsys.readouterr().err == "error: --steps must be >= 1, got 0\n"
     assert not (tmp_path / "out").exists()

@@ -10,6 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny_train.yaml"
+TRAIN = ROOT / "training" / "train.py"
+# training/train.py with stage 1 shrunk to seconds (tests/data/train_with_tiny_stage1.py)
+TRAIN_TINY_STAGE1 = ROOT / "tests" / "data" / "train_with_tiny_stage1.py"
+# A stage-1 run of seconds: fields of mmgen.training.vae_stage.VAETrainConfig (its defaults take minutes).
+TINY_STAGE1 = {"steps": 3, "batch_size": 4, "base_channels": 8, "num_stats": 48, "num_eval": 8, "seed": 0}
 
 
 def load_script(relative: str):
@@ -22,6 +27,18 @@ def load_script(relative: str):
     sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+class MainProcess:
+    """The one process of a run, as train.py's `prepare_inputs` sees an accelerator."""
+
+    is_main_process = True
+
+    @staticmethod
+    def main_process_first():
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def make_tiny_vae(path: Path) -> Path:
@@ -43,12 +60,12 @@ def env(**extra) -> dict:
 
 
 def launch(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, check: bool = True,
-           **env_extra) -> subprocess.CompletedProcess:
-    """`accelerate launch [launcher args] training/train.py --config tiny.yaml ARGS`."""
+           script: Path = TRAIN, cwd: Path = ROOT, **env_extra) -> subprocess.CompletedProcess:
+    """`accelerate launch [launcher args] training/train.py --config tiny.yaml ARGS` in `cwd`."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *(launcher or ["--num_processes", "1"]),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "training" / "train.py"), "--config", str(TINY), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout,
+           str(script), "--config", str(TINY), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout,
                           check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -16,6 +16,7 @@ unless it is given `--quiet`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from mmgen.cli import ArgumentParser, run_cli
-from mmgen.config import Config, ConfigError, load_config, resolve_input_path, save_config_json
+from mmgen.config import ASSETS_ROOT, Config, ConfigError, load_config, resolve_input_path, save_config_json
+from mmgen.data.latents import LatentSpec
 from mmgen.data.packing import PackingConfig
-from mmgen.masks import image_token_counts
+from mmgen.extras import require
 from mmgen.objectives import get_objective
 from mmgen.processing_mmgen import MMGenProcessor
 from mmgen.training import checkpointing
@@ -41,12 +41,11 @@ from mmgen.training.build import (
     build_tokenizer,
     check_input_paths,
     load_run_vae,
-    objective_params,
     stage1_makes,
 )
 from mmgen.training.data import TrainStream, ensure_shapes_shards
 from mmgen.training.ema import EMA
-from mmgen.training.perf import device_peak_flops, mfu
+from mmgen.training.perf import device_peak_flops, mfu, pass_token_counts, training_dtype, training_flops
 from mmgen.training.schedule import build_scheduler
 from mmgen.training.step import NonFiniteGuard, compute_losses
 
@@ -56,11 +55,11 @@ METRICS_FILE = "metrics.jsonl"  # one line per logged step
 def parse_args(argv=None) -> Config:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Overrides: --section.key VALUE, e.g. --optim.max_steps 100")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"),
-                        help="YAML preset (a relative path is looked up here, then in the repository)")
+    parser.add_argument("--config", default=str(ASSETS_ROOT / "configs" / "default.yaml"),
+                        help="YAML preset (a relative path is looked up here, then among mmgen's shipped configs)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
-    return load_config(resolve_input_path(args.config, ROOT), overrides)
+    return load_config(resolve_input_path(args.config), overrides)
 
 
 def prepare_inputs(cfg: Config, accelerator) -> str:
@@ -96,6 +95,8 @@ def main(argv=None) -> int:
 
 def train(argv: list[str]) -> None:
     cfg = parse_args(argv)
+    if cfg.eval.curve_every:  # a missing 'plots' extra fails now, not at the first curve point
+        require("matplotlib", f"eval.curve_every={cfg.eval.curve_every} (the curve.png plot; 0 turns it off)")
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     accelerator = build_accelerator(mixed_precision=cfg.run.mixed_precision, grad_accum=cfg.optim.grad_accum,
                                     project_dir=str(run_dir), tracker=cfg.run.tracker)
@@ -128,8 +129,8 @@ def train(argv: list[str]) -> None:
     ema = None if zero3 else EMA(model, decay=cfg.optim.ema_decay)
     if zero3:
         accelerator.print("ZeRO-3: EMA disabled (evaluation and export use the live weights)")
-    loss_fn, _ = get_objective(cfg.objective.name, sigma_data=cfg.objective.sigma_data, **objective_params(cfg))
-    group_by_condition = cfg.objective.name == "imm" and cfg.objective.particle_groups == "condition"
+    loss_fn, _ = get_objective(cfg.objective.name, **dataclasses.asdict(cfg.objective.params))
+    group_by_condition = getattr(cfg.objective.params, "particle_groups", None) == "condition"  # IMM's groups
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
@@ -144,7 +145,8 @@ def train(argv: list[str]) -> None:
                             image_loss=cfg.data.loss_on,
                             special_ids=processor.special_ids)
     try:
-        stream = TrainStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed)
+        stream = TrainStream.from_config(shards, tokenizer, packing, cfg.data, seed=cfg.run.seed,
+                                         latents=LatentSpec.of(vae, cfg.model.image_size, cfg.model.vae))
     except FileNotFoundError as err:  # a shard pattern that matches nothing
         raise ConfigError(f"data.shards: {err}") from err
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)  # objective times, noise, CFG dropout
@@ -154,17 +156,16 @@ def train(argv: list[str]) -> None:
         accelerator.init_trackers(cfg.run.name)
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.grad_accum * world
-    peak, peak_source = device_peak_flops(device, torch.bfloat16 if cfg.run.mixed_precision == "bf16" else torch.float32)
+    peak, peak_source = device_peak_flops(device, training_dtype(cfg.run.mixed_precision))
     progress = _progress(accelerator, step, cfg.optim.max_steps)
     guard = NonFiniteGuard(cfg.run.max_nonfinite_in_a_row)
-    last_time, images_seen, image_tokens = time.perf_counter(), 0, Counter()
+    last_time, images_seen, flop_tokens = time.perf_counter(), 0, Counter()
     while step < cfg.optim.max_steps:
         step_start = time.perf_counter()
         model.train()
         for _ in range(cfg.optim.grad_accum):
             with accelerator.accumulate(model):
                 batch = next(stream)
-                image_tokens.update(image_token_counts(batch["token_kind"]))  # this rank's, for the MFU
                 losses = compute_losses(model, vae, batch, loss_fn=loss_fn,
                                         lambda_img=cfg.objective.lambda_img, generator=generator, device=device,
                                         group_by_condition=group_by_condition,
@@ -179,6 +180,7 @@ def train(argv: list[str]) -> None:
                     optimizer.step()
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                flop_tokens.update(pass_token_counts(batch["token_kind"], losses.diagnostics["passes"]))  # this rank's
                 images_seen += losses.diagnostics.get("num_images", 0)
                 seen["images_seen"] += world * losses.diagnostics.get("num_images", 0)
                 seen["image_targets_seen"] += world * losses.diagnostics.get("num_image_targets", 0)
@@ -192,10 +194,8 @@ def train(argv: list[str]) -> None:
         if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
             now = time.perf_counter()
             seconds = (now - last_time) / cfg.run.log_every
-            # FLOPs are linear in the token counts: one estimate per log window (ranks assumed alike)
-            window_tokens = tokens_per_step // world * cfg.run.log_every
-            flops_per_step = world * raw_model.estimate_flops(window_tokens, cfg.data.seq_len,
-                                                              image_tokens=dict(image_tokens)) / cfg.run.log_every
+            # FLOPs are linear in the token counts: one count per log window (ranks assumed alike)
+            flops_per_step = world * training_flops(raw_model, flop_tokens, cfg.data.seq_len) / cfg.run.log_every
             logs = {"loss": losses.loss.item(), "loss_text": losses.text.item(), "loss_image": losses.image.item(),
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
                     "images_per_s": images_seen / (now - last_time), "mfu": mfu(flops_per_step, seconds, peak),
@@ -207,7 +207,7 @@ def train(argv: list[str]) -> None:
             progress.set_postfix(loss=f"{logs['loss']:.3f}", text=f"{logs['loss_text']:.3f}",
                                  img=f"{logs['loss_image']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
                                  mfu=f"{logs['mfu']:.1%}")
-            last_time, images_seen, image_tokens = now, 0, Counter()
+            last_time, images_seen, flop_tokens = now, 0, Counter()
         progress.update(1)
         if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
             checkpointing.save_checkpoint(accelerator, run_dir, step, trainer_state={"peak_flops": peak_source, **seen},
@@ -282,7 +282,7 @@ def _prefixed(stats: dict) -> dict:
 def _samples(model, ema, processor, run_dir: Path, step: int) -> None:
     import contextlib
 
-    from mmgen.training.evaluate import sample_grid
+    from mmgen.evaluation.quick import sample_grid
 
     with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
         sample_grid(model, processor, run_dir / "samples" / f"step-{step:08d}.png")
@@ -308,7 +308,7 @@ def _finish(cfg: Config, model, ema, processor, run_dir: Path, step: int, state_
 
     Under ZeRO-3 (`state_dict` given: the gathered live weights) the local model is partitioned, so
     the end-of-run evaluation is skipped and the export writes the gathered weights."""
-    from mmgen.training.evaluate import end_of_run_evaluation
+    from mmgen.evaluation.quick import end_of_run_evaluation
     from mmgen.training.export import export_final
 
     if ema is not None:

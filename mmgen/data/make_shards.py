@@ -15,6 +15,10 @@ bad_text (a text that is not valid Unicode, e.g. a lone surrogate "\\ud800"), em
 invalid_sample, and duplicate_key (a key an earlier line already wrote: the later line is skipped,
 since the reader could not tell the two apart). A missing --jsonl file is a one-line error (exit
 status 2) before anything is written.
+
+With `--vae DIR` (a VAE directory, as the training's `model.vae`) each image is also encoded once, at
+`--resolution` (the training's `model.image_size`), and its latent stored beside it (`mmgen.data.latents`);
+the manifest's "latents" records the VAE's identity, and training from these shards skips the encoder.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import asdict, dataclass
 import webdataset as wds
 from tqdm import tqdm
 
+from mmgen.data.latents import LatentCache
 from mmgen.data.sample_format import (
     IMAGE_EXTENSIONS,
     SampleError,
@@ -131,7 +136,8 @@ def iter_jsonl_samples(path: str, image_root: str, skipped: Counter) -> Iterator
 def iter_shapes_samples(num_docs: int, seed: int, split: str, resolution: int,
                         tasks: list[str] | None = None, max_objects: int = 4, particles: int = 1,
                         t2i_max_objects: int | None = None) -> Iterator[dict]:
-    from mmgen.data.shapes_docs import iter_documents  # imported here: only this source needs the shapes world
+    # imported here: only this source needs the shapes world
+    from mmgen.data.shapes_docs import iter_documents
 
     documents = iter_documents(num_docs, seed=seed, split=split, resolution=resolution, tasks=tasks,
                                max_objects=max_objects, particles=particles, t2i_max_objects=t2i_max_objects)
@@ -226,9 +232,10 @@ class JsonlSource:
 
 
 def make_shards(source: ShapesSource | JsonlSource, out: str | os.PathLike, *, split: str = "train",
-                samples_per_shard: int = 1000) -> dict:
+                samples_per_shard: int = 1000, latents: LatentCache | None = None) -> dict:
     """Write `source`'s samples to OUT/{split}-%06d.tar and OUT/{split}-manifest.json; returns the manifest.
 
+    latents: also store each image's latent from this VAE (`LatentCache.open(vae_dir, resolution=...)`).
     A JSONL source that cannot be read raises OSError before anything is written."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -236,8 +243,10 @@ def make_shards(source: ShapesSource | JsonlSource, out: str | os.PathLike, *, s
         open(source.jsonl, "rb").close()  # checked before anything is written
     out = os.fspath(out)
     skipped: Counter = Counter()
-    written = write_shards(source.samples(split, skipped), out, split=split, samples_per_shard=samples_per_shard,
-                           total=source.num_docs)
+    samples = source.samples(split, skipped)
+    if latents is not None:
+        samples = latents.add_latents(samples)
+    written = write_shards(samples, out, split=split, samples_per_shard=samples_per_shard, total=source.num_docs)
     name = "shapes" if isinstance(source, ShapesSource) else "jsonl"
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -245,8 +254,9 @@ def make_shards(source: ShapesSource | JsonlSource, out: str | os.PathLike, *, s
         "split": split,
         **written,
         "skipped": dict(sorted(skipped.items())),
+        **({"latents": latents.manifest()} if latents is not None else {}),
         "config": {"source": name, "split": split, "samples_per_shard": samples_per_shard,
-                   **source.manifest_config()},
+                   **source.manifest_config(), **({"vae": latents.path} if latents is not None else {})},
     }
     with open(os.path.join(out, f"{split}-manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
@@ -263,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--num-docs", type=int, help="shapes: number of documents")
     parser.add_argument("--seed", type=int, default=0, help="shapes: world seed")
-    parser.add_argument("--resolution", type=int, default=32, help="shapes: render size")
+    parser.add_argument("--resolution", type=int, default=32,
+                        help="shapes: render size; with --vae: the size images are encoded at (model.image_size)")
     parser.add_argument("--tasks", nargs="+", default=(), help="shapes: the document kinds and their mix, NAME or "
                         "NAME=WEIGHT (t2i caption vqa multiturn; default all, mixed by mmgen.data.shapes_docs.TASK_WEIGHTS)")
     parser.add_argument("--max-objects", type=int, default=4,
@@ -274,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="shapes: the most objects in a text-to-image scene (default: --max-objects)")
     parser.add_argument("--jsonl", help="jsonl: input file")
     parser.add_argument("--image-root", default=".", help="jsonl: directory image paths are relative to")
+    parser.add_argument("--vae", metavar="DIR", help="also store each image's latent from this VAE (model.vae)")
     args = parser.parse_args(argv)
     try:
         if args.source == "shapes":
@@ -290,8 +302,16 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"samples_per_shard must be >= 1, got {args.samples_per_shard}")
     except ValueError as exn:  # a setting out of range, named as its flag
         parser.error("--" + str(exn).replace("_", "-", 2))
+    latents = None
+    if args.vae is not None:
+        try:
+            latents = LatentCache.open(args.vae, resolution=args.resolution)
+        except (OSError, ValueError) as exn:
+            reason = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+            parser.exit(2, f"{parser.prog}: error: --vae {args.vae}: cannot load a VAE ({reason})\n")
     try:
-        return make_shards(source, args.out, split=args.split, samples_per_shard=args.samples_per_shard)
+        return make_shards(source, args.out, split=args.split, samples_per_shard=args.samples_per_shard,
+                           latents=latents)
     except OSError as exn:
         parser.exit(2, f"{parser.prog}: error: cannot read --jsonl {args.jsonl}: {exn.strerror}\n")
 

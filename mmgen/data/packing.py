@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmgen.data.image_transforms import image_to_tensor
+from mmgen.data.latents import stack_images
+from mmgen.data.sample_format import CachedLatent
 from mmgen.layout import IGNORE_INDEX, METADATA_KEYS, TokenKind
 from mmgen.tokenization import SHAPES_SPECIAL_IDS, SpecialIds
 
@@ -82,7 +84,7 @@ class TokenizedDocument:
     local_image: list[int]  # index of the image within the document, -1 for text
     patch_ids: list[int]
     boi_offsets: list[int]  # per image: offset of its <|boi|> within the document
-    images: list[torch.Tensor]  # per image: (3, H, W) in [-1, 1]
+    images: list[torch.Tensor | CachedLatent]  # per image: (3, H, W) in [-1, 1], or its cached latent
     noisy: list[bool]  # per image: has noisy copies (a generation target); see PackingConfig.image_loss
     cuts: list[tuple[int, int]] = field(default_factory=list)  # (tokens, images) at each segment boundary
     truncated: bool = False
@@ -159,8 +161,9 @@ def tokenize_document(
             k = len(doc.images)  # the slot's first sample: its clean copy is what later tokens see
             samples = seg["images"] if "images" in seg else [seg["image"]]
             target = config.image_loss == "all" or not in_user
-            for image in samples:
-                doc.images.append(image_to_tensor(image, config.image_size, where=f"{where}: segments[{i}]"))
+            for image in samples:  # a cached latent (mmgen.data.latents) goes to the batch as it is
+                doc.images.append(image if isinstance(image, CachedLatent)
+                                  else image_to_tensor(image, config.image_size, where=f"{where}: segments[{i}]"))
                 doc.boi_offsets.append(len(doc.input_ids))
                 doc.noisy.append(target)
             add(sid.boi, TokenKind.TEXT, pos)
@@ -277,8 +280,7 @@ def build_batch(
                 at += N
         if at > L:
             raise ValueError(f"packing: row {b} needs {at} tokens, more than seq_len={L}")
-    size = config.image_size
-    out["images"] = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+    out.update(stack_images(images, config.image_size))
     out["image_uncond"] = torch.zeros(len(images), dtype=torch.bool)  # the objective sets CFG dropout
     return out
 

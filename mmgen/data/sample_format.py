@@ -30,6 +30,12 @@ reader can count it by kind:
   of text/image/images).
 
 Unknown keys in a segment or in the JSON are ignored, so a newer writer can add fields.
+
+Cached latents (optional, written by `make_shards --vae`, `mmgen.data.latents`): beside an image member
+`KEY.0.png` (a pair's `KEY.jpg`) a member `KEY.0.latent.safetensors` (`KEY.latent.safetensors`) holds the
+VAE's encoding of that image: one float16 tensor "latent" (C, h, w) and metadata {"vae": identity}.
+`decode_sample(latents=True)` puts a `CachedLatent` in place of each image that has one (an unreadable one
+is a bad_image); otherwise they are ignored.
 """
 
 from __future__ import annotations
@@ -37,8 +43,11 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import safetensors.numpy
 from PIL import Image
 
 from mmgen.data.image_transforms import resize_center_crop_image, to_rgb
@@ -98,6 +107,44 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+# -------------------------------------------------------------------------------- cached latents
+
+
+@dataclass(frozen=True)
+class CachedLatent:
+    """An image's latent as `make_shards --vae` stored it: (C, h, w) float16, before normalisation, and the
+    identity of the VAE that made it (`mmgen.data.latents.vae_identity`)."""
+
+    latent: np.ndarray
+    vae: str
+
+
+def latent_member(image_member: str) -> str:
+    """The member holding an image member's cached latent: "0.png" -> "0.latent.safetensors", "jpg" ->
+    "latent.safetensors"."""
+    stem = image_member.lower().rpartition(".")[0]
+    return f"{stem}.latent.safetensors" if stem else "latent.safetensors"
+
+
+def encode_latent(latent: np.ndarray, vae: str) -> bytes:
+    """(C, h, w) latent -> safetensors bytes (float16, metadata {"vae": identity}); no pickle."""
+    return safetensors.numpy.save({"latent": np.ascontiguousarray(latent, dtype=np.float16)}, metadata={"vae": vae})
+
+
+def decode_latent(data: bytes, member: str) -> CachedLatent:
+    """Inverse of `encode_latent`; raises SampleError("bad_image") for anything else."""
+    try:
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: u64 length, JSON
+        latent = safetensors.numpy.load(data)["latent"]
+        vae = header["__metadata__"]["vae"]
+    except Exception as exn:  # safetensors raises its own error type; a bad header any of several
+        raise SampleError("bad_image", f"{member}: unreadable cached latent ({type(exn).__name__}: {exn})") from exn
+    if latent.ndim != 3 or latent.dtype != np.float16:
+        raise SampleError("bad_image", f"{member}: cached latent must be (C, h, w) float16, got "
+                          f"{latent.dtype} {latent.shape}")
+    return CachedLatent(latent, vae)
+
+
 # --------------------------------------------------------------------------------------- decoding
 
 
@@ -123,10 +170,12 @@ def check_text(text: str, where: str, max_text_chars: int | None = MAX_TEXT_CHAR
     return text
 
 
-def _member_image(sample, member, i: int, resolution) -> Image.Image:
+def _member_image(sample, member, i: int, resolution, latents: bool) -> Image.Image | CachedLatent:
     member = member.lower()  # webdataset lower-cases member suffixes
     if member not in sample:
         raise SampleError("missing_image", f"segment {i} names image member {member!r}, absent from the tar")
+    if latents and latent_member(member) in sample:
+        return decode_latent(sample[latent_member(member)], f"segment {i} ({latent_member(member)})")
     try:
         return decode_image(sample[member], resolution)
     except SampleError as exn:
@@ -150,7 +199,7 @@ def _segment_kind(segment: Any, i: int, max_text_chars: int | None) -> str:
     return kind
 
 
-def _decode_interleaved(sample, spec: dict, resolution, max_text_chars: int | None) -> dict:
+def _decode_interleaved(sample, spec: dict, resolution, max_text_chars: int | None, latents: bool) -> dict:
     segments, meta = spec["segments"], spec.get("meta", {})
     if not isinstance(segments, list):
         raise SampleError("invalid_sample", "'segments' must be a list")
@@ -164,15 +213,16 @@ def _decode_interleaved(sample, spec: dict, resolution, max_text_chars: int | No
             if segment["text"]:
                 out.append({"text": segment["text"]})
         elif kind == "images":
-            out.append({"images": [_member_image(sample, m, i, resolution) for m in segment["images"]]})
+            out.append({"images": [_member_image(sample, m, i, resolution, latents) for m in segment["images"]]})
         else:
-            out.append({"image": _member_image(sample, segment["image"], i, resolution)})
+            out.append({"image": _member_image(sample, segment["image"], i, resolution, latents)})
     if not out:
         raise SampleError("empty_document", "document has no non-empty segment")
     return {"segments": out, "meta": dict(meta)}
 
 
-def _decode_pair(sample, caption: Any, meta: dict, resolution, pair_order: str, max_text_chars: int | None) -> dict:
+def _decode_pair(sample, caption: Any, meta: dict, resolution, pair_order: str, max_text_chars: int | None,
+                 latents: bool) -> dict:
     if not isinstance(caption, str):
         raise SampleError("invalid_sample", "caption must be a string")
     caption = check_text(caption.strip(), "caption", max_text_chars)
@@ -181,7 +231,10 @@ def _decode_pair(sample, caption: Any, meta: dict, resolution, pair_order: str, 
         raise SampleError("missing_image", "caption without an image member (.jpg/.jpeg/.png/.webp)")
     if not caption:
         raise SampleError("empty_document", "empty caption")
-    image = decode_image(sample[exts[0]], resolution)
+    if latents and latent_member(exts[0]) in sample:
+        image = decode_latent(sample[latent_member(exts[0])], latent_member(exts[0]))
+    else:
+        image = decode_image(sample[exts[0]], resolution)
     text, img = {"text": caption}, {"image": image}
     segments = [text, img] if pair_order == "text_image" else [img, text]
     return {"segments": segments, "meta": {**meta, "_pair": pair_order}}  # "_pair": mmgen.data.pairs rewrites it
@@ -193,6 +246,7 @@ def decode_sample(
     resolution: int | None = None,
     pair_order: str = "text_image",
     max_text_chars: int | None = MAX_TEXT_CHARS,
+    latents: bool = False,
 ) -> dict:
     """A grouped webdataset sample (member suffix -> bytes) -> document (CONTRACTS.md §5).
 
@@ -200,6 +254,7 @@ def decode_sample(
     pair_order: "text_image" (caption then image, for text->image) or "image_text" (captioning); a pair's meta
     says so in "_pair" (`mmgen.data.pairs.PairFormat` rewrites pairs as chats in a drawn direction).
     max_text_chars: longest text or caption accepted (None: no bound).
+    latents: an image with a cached latent member becomes that `CachedLatent` (not decoded); False: images only.
     Raises SampleError with the kind of problem; the caller adds shard and key to the message.
     """
     if pair_order not in ("text_image", "image_text"):
@@ -209,10 +264,10 @@ def decode_sample(
         if not isinstance(spec, dict):
             raise SampleError("invalid_sample", "JSON member must be an object")
         if "segments" in spec:
-            return _decode_interleaved(sample, spec, resolution, max_text_chars)
+            return _decode_interleaved(sample, spec, resolution, max_text_chars, latents)
         if "caption" in spec:
             meta = {k: v for k, v in spec.items() if k != "caption"}
-            return _decode_pair(sample, spec["caption"], meta, resolution, pair_order, max_text_chars)
+            return _decode_pair(sample, spec["caption"], meta, resolution, pair_order, max_text_chars, latents)
         if "txt" not in sample:
             raise SampleError("invalid_sample", "JSON member has neither 'segments' nor 'caption'")
         meta = spec
@@ -223,7 +278,7 @@ def decode_sample(
             caption = sample["txt"].decode("utf-8")
         except UnicodeDecodeError as exn:
             raise SampleError("bad_text", f"caption .txt is not UTF-8 ({exn})") from exn
-        return _decode_pair(sample, caption, meta, resolution, pair_order, max_text_chars)
+        return _decode_pair(sample, caption, meta, resolution, pair_order, max_text_chars, latents)
     members = sorted(k for k in sample if not k.startswith("__"))
     if _image_members(sample):
         raise SampleError("invalid_sample", f"image without a caption (.txt or .json); members {members}")

@@ -264,6 +264,7 @@ class WebDocuments(torch.utils.data.IterableDataset):
     pair_order: "text_image" | "image_text" for caption pairs, kept without chat roles when pairs=None.
     pairs: write each pair as a chat in a direction drawn per sample and epoch (`mmgen.data.pairs`).
     max_text_chars: a sample with a longer text or caption is skipped (`text_too_long`; None: no bound).
+    latents: images with a cached latent come as `sample_format.CachedLatent` (`mmgen.data.latents`).
     """
 
     def __init__(
@@ -278,16 +279,15 @@ class WebDocuments(torch.utils.data.IterableDataset):
         pair_order: str = "text_image",
         max_text_chars: int | None = MAX_TEXT_CHARS,
         pairs: PairFormat | None = None,
+        latents: bool = False,
     ):
         super().__init__()
         self.urls = expand_shards(urls)
         self.resolution, self.shuffle, self.seed = resolution, shuffle, seed
         self.epochs, self.resampled, self.pair_order = epochs, resampled, pair_order
-        self.max_text_chars, self.pairs = max_text_chars, pairs
+        self.max_text_chars, self.pairs, self.latents = max_text_chars, pairs, latents
         self._base = self._empty_state()
-        self._observed: dict[
-            int, tuple[tuple[int, int], tuple[int, int, int]]
-        ] = {}  # gid -> (topology, position)
+        self._observed: dict[int, tuple[tuple[int, int], tuple[int, int, int]]] = {}  # gid -> (topology, position)
         # (local worker, counter) in shared memory: the side channel for counts (module docstring).
         self._counters = torch.zeros(MAX_LOCAL_WORKERS, len(COUNTERS), dtype=torch.int64).share_memory_()
 
@@ -393,7 +393,7 @@ class WebDocuments(torch.utils.data.IterableDataset):
         if "__duplicate__" in sample:
             raise SampleError("duplicate_member", f"member .{sample['__duplicate__']} occurs twice in the sample")
         return decode_sample(sample, resolution=self.resolution, pair_order=self.pair_order,
-                             max_text_chars=self.max_text_chars)
+                             max_text_chars=self.max_text_chars, latents=self.latents)
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = pytorch_worker_info()

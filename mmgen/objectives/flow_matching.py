@@ -43,7 +43,7 @@ class FlowMatchingConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     time_input: str = "stride"
-    p_uncond: float = 0.0
+    p_uncond: float = 0.1  # classifier-free guidance: the share of items trained with the null condition
     time_shift: float = 1.0  # SD3's timestep shift of the training times and the Euler grid (1 = none)
     T: float = 1.0
     eps: float = 0.0

@@ -48,6 +48,7 @@ __all__ = [
 
 _PARAMETERIZATIONS = ("euler_fm", "simple_edm")
 _TIME_INPUTS = ("stride", "identity")
+_PARTICLE_GROUPS = ("condition", "consecutive")
 _KERNEL_MIN_DIST = 1e-8
 
 
@@ -66,7 +67,12 @@ class IMMConfig:
     a: float = 2.0
     b: float = 4.0
     num_particles: int = 4
-    p_uncond: float = 0.0
+    # Classifier-free guidance: the share of particle groups trained with the null condition (the caller's
+    # drop_cond); > 0 needs a drop_cond whenever a condition is given.
+    p_uncond: float = 0.1
+    # How the training step forms particle groups: "condition" = only images with identical conditions (same
+    # prompt prefix) share one (it passes group_ids); "consecutive" = any num_particles consecutive images.
+    particle_groups: str = "consecutive"
     # Flow-matching groups (Shortcut models, Frans et al. 2024, arXiv 2410.12557): this fraction of
     # particle groups trains the s -> t limit of the flow map, sigma_d G(x_t, t, t) = eps - x, by
     # regression on the data instead of MMD; weighted by fm_weight. 0 = pure IMM (the paper).
@@ -107,6 +113,8 @@ class IMMConfig:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
         if self.k < 0 or self.delta < 0:
             raise ValueError(f"k and delta must be >= 0, got k={self.k}, delta={self.delta}")
+        if self.particle_groups not in _PARTICLE_GROUPS:
+            raise ValueError(f"particle_groups must be one of {_PARTICLE_GROUPS}, got {self.particle_groups!r}")
         if self.kernel not in _KERNELS:
             raise ValueError(f"kernel must be one of {tuple(_KERNELS)}, got {self.kernel!r}")
 

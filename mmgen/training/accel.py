@@ -15,6 +15,8 @@ from datetime import timedelta
 
 import torch
 
+from mmgen.extras import require
+
 
 def _deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
@@ -24,6 +26,8 @@ def build_accelerator(*, mixed_precision: str, grad_accum: int, project_dir: str
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    if tracker == "tensorboard":  # accelerate drops a tracker that is not installed without a word
+        require("tensorboard", "run.tracker=tensorboard (run.tracker=none turns it off)")
     has_cuda = torch.cuda.is_available()
     use_deepspeed = _deepspeed_requested()
     kwargs: dict = {

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from mmgen.cli import looks_local
 from mmgen.config import Config, ConfigError, ModelSection, resolve_input_path
 from mmgen.configuration_mmgen import MMGenConfig
+from mmgen.loading import looks_local
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 from mmgen.tokenization import SpecialIds, load_pretrained_lm_tokenizer, load_tokenizer
 from mmgen.vae import MMGenVAE
-
-IMM_KEYS = ("num_particles", "k", "a", "b", "T", "eps", "delta", "parameterization", "time_input", "p_uncond",
-            "fm_fraction", "fm_weight", "time_shift", "kernel")
-FM_KEYS = ("time_sampling", "time_input", "p_uncond", "time_shift")
 
 
 def load_run_vae(name_or_path: str, sigma_data: float) -> MMGenVAE:
@@ -46,8 +43,9 @@ def check_input_paths(cfg: Config) -> None:
 
 
 def objective_params(cfg: Config) -> dict:
-    keys = IMM_KEYS if cfg.objective.name == "imm" else FM_KEYS
-    return {k: getattr(cfg.objective, k) for k in keys}
+    """The run's objective config as the exported model stores it: a plain dict, less sigma_data (a model
+    config field of its own); `mmgen.objectives.objective_config` turns it back into the dataclass."""
+    return {k: v for k, v in dataclasses.asdict(cfg.objective.params).items() if k != "sigma_data"}
 
 
 def text_config(cfg: Config, vocab_size: int) -> dict:

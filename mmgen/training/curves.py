@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmgen.training.evaluate import accuracy, caption_scores, partial_rates, t2i_prompts, t2i_scores
+from mmgen.evaluation.quick import accuracy, caption_scores, partial_rates, t2i_prompts, t2i_scores
+from mmgen.extras import pyplot
 
 CURVE_FILE = "curve.jsonl"
 
@@ -62,11 +63,7 @@ def metrics_of(points: list[dict]) -> list[str]:
 
 def plot_curves(run_dirs: list[Path], out: Path, labels: list[str] | None = None, x: str = "images_seen") -> Path:
     """One panel per metric, accuracy (with its 95% interval) against `x`, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the learning-curve plot")
     runs = [(label, read_curve(d)) for label, d in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
     names = []
     for _, points in runs:

@@ -32,6 +32,7 @@ import torch
 
 from mmgen.cli import UsageError
 from mmgen.config import DataSection
+from mmgen.data.latents import LatentMismatchError, LatentSpec
 from mmgen.data.packing import COUNTER_KEYS, PackingConfig
 from mmgen.data.pairs import PairFormat, row_caption_budget
 from mmgen.data.webdata import NoDocumentsError, WebDocuments
@@ -72,19 +73,23 @@ class TrainStream:
 
     def __init__(self, urls, tokenizer, packing: PackingConfig, *, batch_size: int, seed: int,
                  num_workers: int = 0, prefetch: int = 0, pair_text_to_image: float = DataSection.pair_text_to_image,
-                 max_caption_tokens: int | None = None):
+                 max_caption_tokens: int | None = None, latents: LatentSpec | None = None):
         """pair_text_to_image: share of image-caption pairs read caption first, the rest image first (as chats,
         `mmgen.data.pairs`); max_caption_tokens: longer pair captions are cut (None: what leaves the image its
-        room in a row)."""
+        room in a row); latents: the run's VAE, whose latents cached in the shards replace their images (others
+        are refused, `mmgen.data.latents`; None: images only)."""
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
         self.urls = urls
         budget = row_caption_budget(tokenizer, packing) if max_caption_tokens is None else max_caption_tokens
         pairs = PairFormat(pair_text_to_image, seed, budget, tokenizer if budget is not None else None)
-        settings = {"resolution": packing.image_size, "shuffle": True, "seed": seed, "epochs": None, "pairs": pairs}
+        settings = {"resolution": packing.image_size, "shuffle": True, "seed": seed, "epochs": None, "pairs": pairs,
+                    "latents": latents is not None}
         self.reader = WebDocuments(urls, **settings)  # iterated by the workers (or here)
         self._book = WebDocuments(urls, **settings)  # never iterated: turns received positions into a state
-        self.batches = PackedBatches(self.reader, tokenizer, packing, batch_size=batch_size)
+        if latents is not None:
+            latents.check_manifests(self.reader.urls)
+        self.batches = PackedBatches(self.reader, tokenizer, packing, batch_size=batch_size, latents=latents)
         self.num_workers = num_workers
         self.prefetch = prefetch
         self._thread: threading.Thread | None = None
@@ -97,11 +102,12 @@ class TrainStream:
         self._shards: set = set()  # shards this process has read from (logged: ranks read disjoint shards)
 
     @classmethod
-    def from_config(cls, urls, tokenizer, packing: PackingConfig, data: DataSection, seed: int) -> TrainStream:
+    def from_config(cls, urls, tokenizer, packing: PackingConfig, data: DataSection, seed: int,
+                    latents: LatentSpec | None = None) -> TrainStream:
         """The stream a run's `data` section asks for (batch size, workers, prefetch, the pairs' format)."""
         return cls(urls, tokenizer, packing, batch_size=data.batch_size, seed=seed, num_workers=data.num_workers,
                    prefetch=data.prefetch, pair_text_to_image=data.pair_text_to_image,
-                   max_caption_tokens=data.max_caption_tokens)
+                   max_caption_tokens=data.max_caption_tokens, latents=latents)
 
     @property
     def shards_read(self) -> list:
@@ -132,6 +138,9 @@ class TrainStream:
                 self.close()
                 raise item
             batch, after = item
+        if "refused" in after:  # a worker met cached latents this run cannot use: one line, from here
+            self.close()
+            raise LatentMismatchError(after["refused"])
         self._last[after["worker"]] = after
         self._next_worker = (after["worker"] + 1) % max(1, self.num_workers)
         self._shards.update(after["new_shards"])

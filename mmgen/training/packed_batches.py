@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 import torch
 
+from mmgen.data.latents import LatentMismatchError, LatentSpec
 from mmgen.data.packing import DocumentPacker, PackingConfig
 from mmgen.data.webdata import WebDocuments
 
@@ -37,10 +38,10 @@ class PackedBatches(torch.utils.data.IterableDataset):
     """(batch, after) pairs from this worker's share of `reader` (module docstring)."""
 
     def __init__(self, reader: WebDocuments, tokenizer, packing: PackingConfig, *, batch_size: int,
-                 first_worker: int = 0):
+                 first_worker: int = 0, latents: LatentSpec | None = None):
         super().__init__()
         self.reader, self.tokenizer, self.packing, self.batch_size = reader, tokenizer, packing, batch_size
-        self.first_worker = first_worker
+        self.first_worker, self.latents = first_worker, latents
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         info = torch.utils.data.get_worker_info()
@@ -52,17 +53,25 @@ class PackedBatches(torch.utils.data.IterableDataset):
             os.environ["WORKER"], os.environ["NUM_WORKERS"] = str(worker), str(info.num_workers)
         packer = DocumentPacker(self.tokenizer, self.packing, batch_size=self.batch_size, drop_last=True)
         positions: deque[dict] = deque()  # reader positions from the last delivered document on
-        first = 0  # packer stream index of positions[0]
         new_shards: set[str] = set()
 
         def documents() -> Iterator[dict]:
             for doc in self.reader:
+                if self.latents is not None:
+                    self.latents.check_document(doc)
                 where = doc["meta"]["_wds"]
                 positions.append(dict(where))
                 new_shards.add(where["shard"])
                 yield doc
 
-        for batch in packer.iter_batches(documents()):
+        try:
+            yield from self._batches(packer, documents(), positions, new_shards, worker)
+        except LatentMismatchError as err:  # sent as a value: raised in a worker it would arrive as a traceback
+            yield None, {"refused": str(err)}
+
+    def _batches(self, packer, documents, positions, new_shards, worker) -> Iterator[tuple[dict, dict]]:
+        first = 0  # packer stream index of positions[0]
+        for batch in packer.iter_batches(documents):
             while first < packer.resume_index - 1:
                 positions.popleft()
                 first += 1

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mmgen.data.latents import encode_batch
 from mmgen.data.packing import COUNTER_KEYS
 from mmgen.layout import METADATA_KEYS, TokenKind
+from mmgen.target_copies import TargetCopies
 
 MODEL_KEYS = (*METADATA_KEYS, "image_uncond")  # what the packed forward takes from a packer batch
 
@@ -28,7 +30,7 @@ class StepLosses:
 
 
 def split_batch(batch: dict, device: torch.device) -> tuple[dict, torch.Tensor, dict]:
-    """Packer batch -> (model kwargs on device, images (M, 3, H, W) in [-1, 1], counters)."""
+    """Packer batch -> (model kwargs on device, images to encode (M_img, 3, H, W) in [-1, 1], counters)."""
     model_inputs = {k: batch[k].to(device) for k in MODEL_KEYS}
     counters = {k: int(batch[k]) for k in COUNTER_KEYS if k in batch}
     return model_inputs, batch["images"].to(device), counters
@@ -79,22 +81,22 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
 
     target_pass: how a no-grad call of `net` after the student's (IMM's target branch) runs. "prefix":
     only the target copies' tokens, over the keys/values the student forward computed (the same weights
-    see the same text and clean images; nothing reads a noisy copy) — `forward(target_prefix=...)`;
+    see the same text and clean images; nothing reads a noisy copy) — `forward(target=TargetCopies(...))`;
     "full": a second forward of the whole rows. Equal up to float rounding (tests/test_modeling.py). Models
     with flex_attention return no prefix and get the full pass."""
     if target_pass not in TARGET_PASSES:
         raise ValueError(f"objective.target_pass must be one of {TARGET_PASSES}, got {target_pass!r}")
     inputs, images, counters = split_batch(batch, device)
-    with torch.no_grad():
-        latents = vae.encode(images.float()) if images.shape[0] else images.new_zeros(0)  # (M, C, h, w)
+    latents = encode_batch(vae, images, batch)  # (M, C, h, w); cached latents skip the encoder
     text_loss: dict[str, torch.Tensor] = {}
     prefix: dict = {}  # the student pass's keys/values, used once by the target pass after it
+    passes: list[str] = []  # what ran, for the FLOP count (mmgen.training.perf.pass_token_counts)
 
     def net(x_in, t_in, s_in, cond):
         student = torch.is_grad_enabled()
-        if not student and prefix.get("value") is not None:  # None: the model has none (flex_attention)
-            out = model(**{**cond, "labels": None}, target_latents=x_in, target_t=t_in, target_s=s_in,
-                        target_prefix=prefix.pop("value"))
+        passes.append("student" if student else "prefix" if prefix.get("value") is not None else "full")
+        if passes[-1] == "prefix":  # no prefix: the model has none (flex_attention)
+            out = model(**{**cond, "labels": None}, target=TargetCopies(x_in, t_in, s_in, prefix=prefix.pop("value")))
             return out.target_outputs.float()
         reuse = student and target_pass == "prefix"
         out = model(**{**cond, "labels": cond["labels"] if student else None},
@@ -129,7 +131,8 @@ def compute_losses(model, vae, batch: dict, *, loss_fn, lambda_img: float, gener
         out = model(**inputs, clean_latents=latents if num_images else None,
                     noisy_latents=torch.zeros_like(latents) if noisy else None, noisy_t=zeros, noisy_s=zeros)
         text, image_loss, diag = out.loss, torch.zeros((), device=device), {"num_excluded": num_targets}
-    diag = {**diag, **counters, "num_images": num_images, "num_image_targets": num_targets}
+        passes.append("student")
+    diag = {**diag, **counters, "num_images": num_images, "num_image_targets": num_targets, "passes": passes}
     return StepLosses(loss=text + lambda_img * image_loss, text=text.detach(), image=image_loss.detach(),
                       diagnostics=diag)
 

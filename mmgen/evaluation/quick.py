@@ -23,6 +23,13 @@ TEST_SEED = 1_000_003  # scenes and seeds never used by the training shards (whi
 _CHAT = re.compile(r"^<\|user\|>(?P<user>.*?)<\|end\|><\|assistant\|>$", re.DOTALL)
 
 
+def t2i_request(doc: dict) -> str | None:
+    """The user's request of a shapes-world text-to-image document (its first segment is the chat up to the
+    assistant's turn), or None when the document is not laid out that way."""
+    match = _CHAT.match(doc["segments"][0]["text"])
+    return match["user"] if match else None
+
+
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (float("nan"), float("nan"))
@@ -44,9 +51,9 @@ def t2i_prompts(split: str, num_groups: int, n: int, seed: int = TEST_SEED) -> l
     for doc in iter_documents(50 * n, seed=seed, split=split, tasks=["t2i"]):
         spec = doc["meta"]["prompt"]
         if len(spec["objects"]) == num_groups and all(o["count"] == 1 for o in spec["objects"]):
-            match = _CHAT.match(doc["segments"][0]["text"])
-            if match:
-                out.append((match["user"], spec))
+            request = t2i_request(doc)
+            if request is not None:
+                out.append((request, spec))
         if len(out) == n:
             break
     return out

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mmgen.data.judge import judge_image, relations_between, score_answer
 from mmgen.data.shapes_docs import answer_question, iter_documents
-from mmgen.training.evaluate import TEST_SEED, accuracy, wilson
+from mmgen.evaluation.quick import TEST_SEED, accuracy, wilson
 
 _USER = re.compile(r"<\|user\|>(.*?)<\|end\|>", re.DOTALL)
 
@@ -66,8 +66,7 @@ def generate_interleaved_run(model, processor, progs: list[dict], run_dir: Path,
                              guidance: float = 1.0, seed: int = 0, max_new_tokens: int = 32,
                              batch_size: int = 32) -> Path:  # fmt: skip
     """Run the programs turn by turn (batched across programs) and write the transcript files."""
-    from shapeeval import write_jsonl
-
+    from mmgen.evaluation.shapeeval import write_jsonl
     from mmgen.generation import Finished, GeneratedImage, TextDelta, generate_interleaved
 
     run_dir = Path(run_dir)
@@ -155,7 +154,7 @@ def emission_stats(turns: list[dict]) -> dict:
 
 
 def judge_interleaved_run(run_dir: Path) -> dict:
-    from shapeeval import read_jsonl, write_jsonl
+    from mmgen.evaluation.shapeeval import read_jsonl, write_jsonl
 
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metadata.jsonl")

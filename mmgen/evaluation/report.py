@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from mmgen.evaluation.shapeeval import TASKS
+from mmgen.extras import pyplot
 
-matplotlib.use("Agg")  # headless: only files are written
-import matplotlib.pyplot as plt
-from shapeeval import TASKS
+plt = pyplot("the evaluation report (eval/run.py)")  # on the Agg backend: only files are written
 
 
 def _acc(v: dict | None) -> str:
@@ -45,7 +44,7 @@ def shapeeval_table(results: dict) -> list[str]:
 
 def shapefd_table(results: dict) -> list[str]:
     fd = results.get("shapefd", {})
-    lines = [("### ShapeFD / ShapeKID (features: eval/shapefd.safetensors, sha256 "
+    lines = [("### ShapeFD / ShapeKID (features: mmgen/evaluation/shapefd.safetensors, sha256 "
              f"{str(fd.get('feature_net_sha256', ''))[:12]})"), "",
              "| split | setting | ShapeFD | floor | ShapeKID | floor | n |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for split, runs in fd.items():

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from mmgen.data.judge import score_answer, score_caption
 from mmgen.data.shapes import Scene, render
 from mmgen.data.shapes_docs import iter_documents
-from mmgen.training.evaluate import TEST_SEED, accuracy
+from mmgen.evaluation.quick import TEST_SEED, accuracy
 
 VQA_TYPES = ("count", "colour", "shape", "relation", "exist_present", "exist_absent")
 CAPTION_ATTRIBUTES = ("counts", "colours", "shapes", "positions", "nothing_extra")
@@ -58,8 +58,7 @@ def understanding_items(split: str, num_captions: int, num_vqa: int, seed: int =
 
 def generate_understanding_run(model, processor, items: list[dict], run_dir: Path, *, resolution: int = 32,
                                batch_size: int = 32, max_new_tokens: int = 48) -> Path:  # fmt: skip
-    from shapeeval import write_jsonl
-
+    from mmgen.evaluation.shapeeval import write_jsonl
     from mmgen.generation import TextDelta, caption_prompt, generate_interleaved
 
     run_dir = Path(run_dir)
@@ -87,7 +86,7 @@ def generate_understanding_run(model, processor, items: list[dict], run_dir: Pat
 
 
 def judge_understanding_run(run_dir: Path) -> dict:
-    from shapeeval import read_jsonl, write_jsonl
+    from mmgen.evaluation.shapeeval import read_jsonl, write_jsonl
 
     rows = read_jsonl(Path(run_dir) / "metadata.jsonl")
     scored = []

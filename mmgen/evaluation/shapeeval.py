@@ -28,7 +28,6 @@ reads only that directory and writes `scores.jsonl`.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -37,10 +36,9 @@ from tqdm import tqdm
 
 from mmgen.data.judge import judge_image, relations_between, score_t2i
 from mmgen.data.shapes_docs import iter_documents
-from mmgen.training.evaluate import TEST_SEED, accuracy
+from mmgen.evaluation.quick import TEST_SEED, accuracy, t2i_request
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "colour_attr")
-_CHAT = re.compile(r"^<\|user\|>(?P<user>.*?)<\|end\|><\|assistant\|>$", re.DOTALL)
 _TASKS_OF_CLASS = {"single": ("single_object", "colors"), "two": ("two_object", "colour_attr")}
 
 
@@ -74,11 +72,11 @@ def prompt_set(split: str, per_task: int, seed: int = TEST_SEED, max_docs: int =
         tasks = _TASKS_OF_CLASS.get(cls, (cls,))
         task = tasks[seen[cls] % len(tasks)]
         seen[cls] += 1
-        match = _CHAT.match(doc["segments"][0]["text"])
-        if want[task] <= 0 or match is None:
+        request = t2i_request(doc)
+        if want[task] <= 0 or request is None:
             continue
         want[task] -= 1
-        out.append({"prompt": match["user"], "spec": spec, "task": task, "split": split,
+        out.append({"prompt": request, "spec": spec, "task": task, "split": split,
                     "doc_index": doc["meta"]["index"], "scene": doc["meta"]["scenes"][0]})  # fmt: skip
         if not any(want.values()):
             break

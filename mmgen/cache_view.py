@@ -1,4 +1,4 @@
-"""A read-only view of a transformers `DynamicCache` for the cached image step (DESIGN.md §6).
+"""A read-only view of a transformers `DynamicCache` for the cached image step (docs/design.md §9).
 
 During the N refinement steps of one image, the noisy image tokens must attend to the cached
 prefix (and to themselves) without being written into the cache: every step sees the same

@@ -132,7 +132,7 @@ class DataSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ObjectiveSection:
-    """The image objective: its name, its own settings, and how this run weighs and runs it (DESIGN.md §5).
+    """The image objective: its name, its own settings, and how this run weighs and runs it (docs/design.md §7).
 
     `params` is the objective's config dataclass (`mmgen.objectives.OBJECTIVES`), the one home of its settings
     and their defaults. YAML files and overrides set its fields as leaves of this section, like the

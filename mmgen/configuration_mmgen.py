@@ -1,4 +1,4 @@
-"""MMGenConfig: the one config of the interleaved text+image model (DESIGN.md §2-§5).
+"""MMGenConfig: the one config of the interleaved text+image model (docs/design.md §6).
 
 A transformers-5 composite config (a dataclass, like `LlavaConfig` in transformers 5.24):
 `text_config` is any causal-LM config resolved through `AutoConfig` (`SubConfigSpec`), the
@@ -8,7 +8,7 @@ Image geometry: an image of `image_size`^2 pixels -> a latent of `latent_size`^2
 (image_size / vae_scale_factor)^2 with `latent_channels` channels -> `num_image_tokens` =
 (latent_size / patch_size)^2 patch tokens of dimension latent_channels * patch_size^2.
 
-Special-token ids default to the shipped shapes tokenizer (CONTRACTS.md §4); a backbone
+Special-token ids default to the shipped shapes tokenizer (docs/design.md §2); a backbone
 initialised from a pretrained LM gets them appended after its own vocabulary
 (`MMGenForConditionalGeneration.from_pretrained_text_model`).
 """
@@ -39,7 +39,7 @@ TINY_LLAMA_KWARGS: dict[str, Any] = {
 IMAGE_HEADS = ("linear", "adaln_mlp", "adaln_prompt", "unet")
 PROMPT_HEADS = ("adaln_prompt", "unet")  # heads that also read the final hidden state at the image's <|boi|>
 
-# Names of the special tokens, in the order `from_pretrained_text_model` appends them (CONTRACTS.md §4).
+# Names of the special tokens, in the order `from_pretrained_text_model` appends them (docs/design.md §2).
 SPECIAL_TOKENS: tuple[tuple[str, str], ...] = (
     ("boi_token_id", "<|boi|>"),
     ("eoi_token_id", "<|eoi|>"),
@@ -72,7 +72,7 @@ class MMGenConfig(PretrainedConfig):
             a plain dict (None -> {}: the config dataclass's defaults). The model and this config never read
             them; samplers resolve them with `mmgen.objectives.objective_config`, which checks them.
         sigma_data: data std of the normalised latents (clean copies enter as latents / sigma_data).
-        *_token_id: special-token ids (CONTRACTS.md §4).
+        *_token_id: special-token ids (docs/design.md §2).
     """
 
     model_type = "mmgen"

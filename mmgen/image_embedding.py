@@ -1,4 +1,4 @@
-"""Image tokens in and out of the backbone (DESIGN.md §3): patchify, embeddings, output head.
+"""Image tokens in and out of the backbone (docs/design.md §6): patchify, embeddings, output head.
 
 - in:  latents (M, C, h, w) -> patches (M, N, C p^2) -> Linear -> + 2D sin-cos patch position
        + MLP(sinusoid(t_in)) + MLP(sinusoid(s_in))   (two separate time MLPs, IMM's "stride" time)
@@ -10,7 +10,8 @@ Sources: the sinusoidal timestep embedding + 2-layer SiLU MLP and the 2D sin-cos
 embedding follow DiT (Peebles & Xie 2023, arXiv 2212.09748, `models.py`: TimestepEmbedder,
 get_2d_sincos_pos_embed); the adaLN residual-MLP head follows MAR's per-token head (Li et al.
 2024, arXiv 2406.11838, "SimpleMLPAdaLN"). Written from the papers' descriptions.
-The model knows nothing about noise schedules: t_in and s_in arrive already scaled (CONTRACTS §1).
+The model knows nothing about noise schedules: t_in and s_in arrive already scaled
+(`mmgen.objectives.imm.time_inputs`; docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 
 def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
-    """(M, C, h, w) -> (M, N, C*p*p), patches in row-major order (patch_ids of CONTRACTS §2)."""
+    """(M, C, h, w) -> (M, N, C*p*p), patches in row-major order (the packer's patch_ids, docs/design.md §4)."""
     M, C, h, w = latents.shape
     x = latents.reshape(M, C, h // p, p, w // p, p)  # (M, C, hp, p, wp, p)
     x = x.permute(0, 2, 4, 1, 3, 5)  # (M, hp, wp, C, p, p)
@@ -268,8 +269,8 @@ class UNetImageDecoder(nn.Module):
     per level -> GN -> SiLU -> conv3x3 (zero-initialised: G starts at 0, as DiT's final layer).
     The up blocks' FiLM reads the time condition plus a projection of the prompt state: the final hidden
     state at the image's <|boi|>, which has read the whole prompt and nothing after it (DiT conditions every
-    block on the class the same way; measured on a class-conditional stand-in, this doubled single-object
-    accuracy after 38k images over up blocks that see the prompt only through the tokens: issue 5 note).
+    block on the class the same way). On the single-shape stand-in of `eval/codec_probe.py` it raised
+    single-object accuracy well above up blocks that see the prompt only through the tokens (docs/findings.md).
     """
 
     def __init__(self, patch_size: int, channels: int, side: int, hidden_size: int, width: int):

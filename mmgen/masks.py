@@ -1,4 +1,4 @@
-"""Attention masks for packed interleaved text + image rows (CONTRACTS.md §2, DESIGN.md §4).
+"""Attention masks for packed interleaved text + image rows (docs/design.md §4-§5).
 
 Every token of a packed row carries metadata (all (B, L) long tensors): its `token_kind`
 (:class:`TokenKind`), `document_ids` (-1 on padding), `image_ids` (index into the batch's flat
@@ -29,7 +29,7 @@ Masks come in two forms:
   elsewhere) for ``sdpa`` / ``eager``, or a bool mask (True = allowed) with ``dtype=torch.bool``;
 - :func:`build_block_mask`: a FlexAttention ``BlockMask`` with the equivalent ``mask_mod``.
 
-For the cached image step of generation (DESIGN.md §6), :func:`build_image_step_mask` gives the
+For the cached image step of generation (docs/design.md §9), :func:`build_image_step_mask` gives the
 rows of N image query tokens over (prefix cache of length P + themselves).
 """
 

@@ -1,6 +1,6 @@
 """MMGenForConditionalGeneration: one causal-LM backbone for text tokens and IMM image slots.
 
-DESIGN.md §3-§6, CONTRACTS.md §2-§3. The backbone is any Hugging Face causal LM built with
+docs/design.md §4-§6 and §9. The backbone is any Hugging Face causal LM built with
 `AutoModelForCausalLM.from_config(config.text_config)` and kept whole as `language_model`
 (module names unchanged, so PEFT targets such as `q_proj`/`v_proj` apply). We feed it
 `inputs_embeds` (text embeddings, and at image slots patch embeddings + position + time
@@ -15,7 +15,7 @@ token in a document of its own at the end of the row and points the copy's `pref
 The row's own `<|boi|>` would not do: from layer 2 on its keys carry the text before it.
 Generation shows the model the same null context with `null_context_cache`.
 
-transformers 5 conventions (ENVIRONMENT.md): forward takes `cache`, there is no
+transformers 5 conventions: forward takes `cache`, there is no
 `cache_position` (positions come from `position_ids` or `cache.get_seq_length()`), `dtype=`.
 """
 
@@ -274,7 +274,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         return_target_prefix: bool = False,
         **kwargs,
     ) -> MMGenOutput:
-        """CONTRACTS.md §3. Two modes:
+        """Two modes (docs/design.md §6):
 
         - text-only (`token_kind` is None): a plain causal-LM call on `input_ids` (what `generate()`
           does); `attention_mask` is the usual 2D padding mask; positions default to cache length + arange.
@@ -439,7 +439,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
                                 conds[TokenKind.IMAGE_TARGET])
         return MMGenOutput(target_outputs=G, last_hidden_state=out.last_hidden_state)
 
-    # ---- cached generation steps (DESIGN.md §6) --------------------------------------------------------
+    # ---- cached generation steps (docs/design.md §9) -----------------------------------------------------
     def _image_tokens_on_cache(self, cache, prefix, latents, t_in, s_in, image_position, cache_attention_mask,
                                prompt_state=None, decode=True):
         """Run N image tokens over a prefix cache (`prefix` is what the attention layers update)."""
@@ -467,7 +467,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         """G for one noisy image per row on a cached prefix; the cache is read, never extended or mutated.
 
         cache: `DynamicCache` of the prefix up to and including <|boi|> (B rows); x_in (B, C, h, w) =
-        c_in(t) x_t; t_in, s_in (B,) as CONTRACTS §1; image_position: int or (B,) = <|boi|> position + 1;
+        c_in(t) x_t; t_in, s_in (B,) as docs/design.md §7; image_position: int or (B,) = <|boi|> position + 1;
         cache_attention_mask: (B, P) 1 = real token (left padding). The unconditional branch is the same
         call on `null_context_cache(...)`. Every refinement step can reuse the same `cache`.
         prompt_state: `prompt_state(cache, ...)` for a head that reads the prompt (U-Net codec, adaln_prompt),
@@ -531,7 +531,7 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         special-token id is read from it, the embeddings grow to hold its vocabulary, and each special token's
         rows that did not exist are new rows (mean-resized, transformers `resize_token_embeddings`); rows
         the LM already had (a vocabulary padded past its tokenizer's, a token it knew) are kept.
-        Without: the special tokens of CONTRACTS §4 (<|boi|> ... <|end|>, 6 reserved, and <|pad|> when the
+        Without: the special tokens of docs/design.md §2 (<|boi|> ... <|end|>, 6 reserved, and <|pad|> when the
         LM has no pad token) are appended after the embedding rows, in `SPECIAL_TOKENS` order — the ids
         `load_pretrained_lm_tokenizer` gives when the LM's tokenizer fills its embedding table exactly.
         bos/eos stay the LM's (bos = eos when it has none). `config_kwargs` set the other MMGenConfig fields.

@@ -2,11 +2,11 @@
 
     processor = AutoProcessor.from_pretrained(path)         # after `import mmgen`
     inputs = processor(messages)                             # OpenAI-style chat, images inside the parts
-    inputs = processor({"segments": [...]})                  # a CONTRACTS.md §5 document (or its segment list)
+    inputs = processor({"segments": [...]})                  # a document (docs/design.md §3) or its segments
     inputs = processor("<|user|>Describe <|image|><|end|><|assistant|>", images=[pil])
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
 
-The output (a BatchFeature of torch tensors) has the per-token metadata of CONTRACTS.md §2 for ONE document,
+The output (a BatchFeature of torch tensors) has the per-token metadata of docs/design.md §4 for ONE document,
 (1, L) each, with no noisy copies and no padding: input_ids, position_ids, token_kind, document_ids, image_ids,
 patch_ids, prefix_end, labels; plus `images` (num_images, 3, image_size, image_size) in [-1, 1] and
 `image_uncond` (num_images,). Every image becomes <|boi|> + num_image_tokens x <|image|> + <|eoi|>; in text,
@@ -81,7 +81,7 @@ class MMGenProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------ inputs
 
     def to_segments(self, inputs, images=None, add_generation_prompt: bool = False) -> list[dict]:
-        """messages | segments | {"segments": ...} | text with image markers -> CONTRACTS.md §5 segments."""
+        """messages | segments | {"segments": ...} | text with image markers -> a document's segments."""
         images = _flatten_images(images)
         if isinstance(inputs, dict) and "segments" in inputs:
             inputs = inputs["segments"]

@@ -1,4 +1,4 @@
-"""Samplers as pure ``torch.no_grad`` functions (CONTRACTS.md §1, issue 2 §3).
+"""Samplers as pure ``torch.no_grad`` functions (docs/design.md §8).
 
 Notation as in ``mmgen.objectives`` (IMM: Zhou, Ermon & Song, ICML 2025, arXiv 2503.07565):
 a grid T = t_0 > t_1 > ... > t_N = eps (uniform in t unless given), the flow map

@@ -3,7 +3,7 @@
 The SentencePiece model is trained by `tokenizers/train_sentencepiece.py` with settings that make the
 conversion exact and text round-trip lossless: identity normalisation, no dummy prefix, no removal of
 extra whitespace, whitespace escaped as "▁" and kept at the start of pieces, byte fallback. Special
-tokens sit at the fixed ids of CONTRACTS.md §4 and are parsed when written inline in text.
+tokens sit at the fixed ids of docs/design.md §2 and are parsed when written inline in text.
 
     write_transformers_tokenizer(sp_model_file, out_dir, model_type="bpe") -> TokenizersBackend
     load_tokenizer(path) -> TokenizersBackend            # AutoTokenizer.from_pretrained, offline, ids checked
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-# CONTRACTS.md §4: the id of each special token is fixed; the model, packer and generation engine rely on them.
+# docs/design.md §2: the id of each special token is fixed; the model, packer and generation engine rely on them.
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<unk>", "<s>", "</s>"
 BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN = "<|boi|>", "<|eoi|>", "<|image|>"
 USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN = "<|user|>", "<|assistant|>", "<|end|>"
@@ -97,7 +97,7 @@ _NEVER_IN_TEXT = -1e9
 
 
 def _read_pieces(sp_model_file: str | os.PathLike):
-    """(piece, score, kind) per id; kind in {"normal", "special", "byte"}. Checks the fixed ids of §4."""
+    """(piece, score, kind) per id; kind in {"normal", "special", "byte"}. Checks the fixed special-token ids."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_file))
@@ -107,7 +107,7 @@ def _read_pieces(sp_model_file: str | os.PathLike):
         if i < len(SPECIAL_TOKENS):
             if piece != SPECIAL_TOKENS[i]:
                 raise ValueError(
-                    f"{sp_model_file}: id {i} is {piece!r}, CONTRACTS.md §4 requires {SPECIAL_TOKENS[i]!r}; "
+                    f"{sp_model_file}: id {i} is {piece!r}, mmgen requires {SPECIAL_TOKENS[i]!r}; "
                     "train it with tokenizers/train_sentencepiece.py"
                 )
             kind = "special"
@@ -193,12 +193,12 @@ def write_transformers_tokenizer(
 
 def check_special_token_ids(tokenizer, where: str = "tokenizer", expected: dict[str, int] | None = None) -> None:
     """Raise if any special token is not at its id or is split when written inline. `expected`: token -> id,
-    by default the fixed ids of CONTRACTS.md §4."""
+    by default the fixed ids (docs/design.md §2)."""
     for token, want in (SPECIAL_TOKEN_IDS if expected is None else expected).items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != want:
             raise ValueError(
-                f"{where}: special token {token!r} has id {got}, CONTRACTS.md §4 requires {want}"
+                f"{where}: special token {token!r} has id {got}, mmgen requires {want}"
             )
         ids = tokenizer.encode(token, add_special_tokens=False)
         if ids != [want]:
@@ -225,7 +225,7 @@ _MMGEN_TOKEN_FIELDS = {"boi": BOI_TOKEN, "eoi": EOI_TOKEN, "image": IMAGE_TOKEN,
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """The token ids the packer and processor write: the fixed ids of CONTRACTS.md §4 by default (the
+    """The token ids the packer and processor write: the fixed ids of docs/design.md §2 by default (the
     shapes tokenizer), or those of any tokenizer through `from_tokenizer` (a pretrained LM's)."""
 
     pad: int = PAD_ID
@@ -259,14 +259,14 @@ class SpecialIds:
         return {f"{f.name}_token_id": getattr(self, f.name) for f in fields(self)}
 
 
-SHAPES_SPECIAL_IDS = SpecialIds()  # the fixed ids of CONTRACTS.md §4
+SHAPES_SPECIAL_IDS = SpecialIds()  # the fixed ids (docs/design.md §2)
 
 
 def prepare_pretrained_lm_tokenizer(tokenizer, where: str = "tokenizer"):
     """Make a pretrained LM's tokenizer mmgen's, in place, and return it.
 
     Appends <|boi|> ... <|end|> and the 6 reserved tokens (those it does not have already) as special
-    tokens, in CONTRACTS.md §4 order, then <|pad|> when it has no pad token; uses its eos as bos when it has
+    tokens, in `SPECIAL_TOKENS` order, then <|pad|> when it has no pad token; uses its eos as bos when it has
     no bos (as `MMGenForConditionalGeneration.from_pretrained_text_model` does), and sets mmgen's chat
     template. The model built from the LM reads the ids from this tokenizer."""
     if tokenizer.eos_token is None:

@@ -1,6 +1,6 @@
 """Frozen diffusers ``AutoencoderKL`` wrapper: images in [-1, 1] <-> normalised latents.
 
-Notation (DESIGN.md §5): sigma_data = 0.5 is the std the flow-map objectives assume for data.
+Notation (docs/design.md §7): sigma_data = 0.5 is the std the flow-map objectives assume for data.
 A VAE latent z (C, h, w) is normalised per channel,
 
     z_norm = (z - latent_mean[c]) / latent_std[c] * sigma_data,

@@ -1,4 +1,4 @@
-"""Tokenise documents (CONTRACTS.md §5) and pack them into fixed-length rows (CONTRACTS.md §2).
+"""Tokenise documents (docs/design.md §3) and pack them into fixed-length rows (docs/design.md §4).
 
 A row, left to right:
 
@@ -57,7 +57,7 @@ class PackingConfig:
     image_loss: str = "all"
     add_bos: bool = True  # <s> at the start of each document
     add_eos: bool = True  # </s> at the end of each (untruncated) document
-    # The ids written for <s>, <|boi|>, ...: the fixed ids of CONTRACTS.md §4 (the shapes tokenizer) unless a
+    # The ids written for <s>, <|boi|>, ...: the fixed ids of docs/design.md §2 (the shapes tokenizer) unless a
     # tokenizer with other ids is used (a pretrained LM's: `SpecialIds.from_tokenizer`).
     special_ids: SpecialIds = SHAPES_SPECIAL_IDS
 
@@ -103,7 +103,7 @@ class TokenizedDocument:
 
 def _check_segments(document, where: str) -> list[dict]:
     if not isinstance(document, dict) or not isinstance(document.get("segments"), list):
-        raise TypeError(f"{where}: a document is a dict with a 'segments' list (CONTRACTS.md §5)")
+        raise TypeError(f"{where}: a document is a dict with a 'segments' list")
     segments = document["segments"]
     if not segments:
         raise ValueError(f"{where}: 'segments' is empty")
@@ -167,7 +167,7 @@ def tokenize_document(
                 doc.boi_offsets.append(len(doc.input_ids))
                 doc.noisy.append(target)
             add(sid.boi, TokenKind.TEXT, pos)
-            for p in range(N):  # one shared position for the whole image (DESIGN.md §3)
+            for p in range(N):  # one shared position for the whole image (docs/design.md §4)
                 add(sid.image, TokenKind.IMAGE_CLEAN, pos + 1, image=k, patch=p)
             add(sid.eoi, TokenKind.TEXT, pos + 2)
             pos += 3
@@ -237,7 +237,7 @@ class _Row:
 def build_batch(
     rows: list[list[TokenizedDocument]], config: PackingConfig, seq_len: int | None = None
 ) -> dict:
-    """Materialise rows of documents into the batch dict of CONTRACTS.md §2 (B = len(rows), L = seq_len)."""
+    """Materialise rows of documents into the batch dict of docs/design.md §4 (B = len(rows), L = seq_len)."""
     L = config.seq_len if seq_len is None else seq_len
     N, C = config.num_image_tokens, config.num_noisy_copies
     B = len(rows)

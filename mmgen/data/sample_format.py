@@ -1,4 +1,4 @@
-"""The on-disk sample format of our webdataset shards (DESIGN.md §7) and its in-memory document.
+"""The on-disk sample format of our webdataset shards (docs/design.md §3) and its in-memory document.
 
 A shard is a plain `.tar`; the members of one sample share a KEY (no dots in KEY: webdataset
 splits the member name at the first dot of its basename). Two sample layouts are accepted:
@@ -10,7 +10,7 @@ splits the member name at the first dot of its basename). Two sample layouts are
   `{"images": ["1.png", "2.png", ...]}` is one image slot answered by several samples (e.g. renders of one
   prompt): each is a draw from the same conditional distribution, and later segments see the first.
 
-Both decode to the document of CONTRACTS.md §5:
+Both decode to a document (docs/design.md §3):
 `{"segments": [{"text": str} | {"image": PIL.Image.Image (RGB)} | {"images": [PIL images]}, ...], "meta": dict}`.
 Anything that does not decode raises `SampleError` whose `problem` is one of `PROBLEMS`, so the
 reader can count it by kind:
@@ -248,7 +248,7 @@ def decode_sample(
     max_text_chars: int | None = MAX_TEXT_CHARS,
     latents: bool = False,
 ) -> dict:
-    """A grouped webdataset sample (member suffix -> bytes) -> document (CONTRACTS.md §5).
+    """A grouped webdataset sample (member suffix -> bytes) -> document (docs/design.md §3).
 
     resolution: resize + centre-crop every image to this square size (None keeps the size).
     pair_order: "text_image" (caption then image, for text->image) or "image_text" (captioning); a pair's meta

@@ -44,7 +44,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.22, "medium": 0.28, "large": 0.34}  # box side / image side
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
-# (colour, shape) pairs that never appear in split "train" (issue 4: generalisation split).
+# (colour, shape) pairs that never appear in split "train": the held-out combinations that test generalisation.
 HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
     {("purple", "triangle"), ("orange", "circle"), ("cyan", "square"), ("white", "triangle")}
 )

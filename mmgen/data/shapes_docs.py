@@ -1,4 +1,4 @@
-"""Shapes-world documents (CONTRACTS §5) and the grammar's text corpus.
+"""Shapes-world documents (docs/design.md §3) and the grammar's text corpus.
 
 Every document is {"segments": [{"text": str} | {"image": PIL RGB}, ...], "meta": dict}, a chat
 with the role tokens written inline as text. Tasks:

@@ -255,7 +255,7 @@ def _split(items: list, topology: tuple[int, int], gid: int) -> list:
 
 
 class WebDocuments(torch.utils.data.IterableDataset):
-    """Documents (CONTRACTS.md §5) from webdataset shards; see the module docstring for the order,
+    """Documents (docs/design.md §3) from webdataset shards; see the module docstring for the order,
     the bad-data counters, the worker mechanism and the resume guarantee.
 
     urls: see `expand_shards`. resolution: square image size after resize + centre crop (None keeps

@@ -20,7 +20,7 @@ only valid images (off-palette share, noise and shape fit within the judge's lim
 Overall = the mean of the six task accuracies (GenEval's convention). The strict verdict of
 `score_t2i` (every count, relation, nothing extra, valid) is stored per image too.
 
-Generation and judging talk through files (STYLE.md habit 11): `generate_t2i_run` writes one PNG per
+Generation and judging talk through files: `generate_t2i_run` writes one PNG per
 prompt and `metadata.jsonl` (prompt text, spec, task, split, seed, steps, guidance); `judge_t2i_run`
 reads only that directory and writes `scores.jsonl`.
 """

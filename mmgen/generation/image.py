@@ -25,7 +25,7 @@ class _Context:
 
 
 def _cached_net(model):
-    """The model's cached image step as the sampler's `net(x_in, t_in, s_in, cond)` (CONTRACTS §1)."""
+    """The model's cached image step as the sampler's `net(x_in, t_in, s_in, cond)` (docs/design.md §7)."""
     dtype = model.get_input_embeddings().weight.dtype
 
     def net(x_in, t_in, s_in, ctx: _Context):

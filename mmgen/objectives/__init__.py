@@ -1,4 +1,4 @@
-"""Training objectives as pure functions with one call shape (CONTRACTS.md §1).
+"""Training objectives as pure functions with one call shape (docs/design.md §7).
 
     loss, diagnostics = loss_fn(net, x, cond, generator=..., drop_cond=...)
 

@@ -19,7 +19,7 @@ Notation (see also ``interpolants.py``):
                                                                                (Eq. (13), App. C.5)
     loss = mean over groups of w(s, t) MMD^2(student f_{s,t}(x_t), target f_{s,r}(x_r))
 
-The network is an opaque callable ``net(x_in, t_in, s_in, cond) -> G`` (CONTRACTS.md §1).
+The network is an opaque callable ``net(x_in, t_in, s_in, cond) -> G`` (docs/design.md §7).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Documents come from `WebDocuments` (split by node and DataLoader worker, bad samples skipped and
 counted) and are packed by `DocumentPacker` into rows of `seq_len` tokens with one student noisy
-copy per image at the row end (CONTRACTS.md §2).
+copy per image at the row end (docs/design.md §4).
 
 Workers (`num_workers` > 0): reading, decoding and packing all run in DataLoader worker processes, each
 on its own share of the shards (`mmgen.training.packed_batches`); the training process only receives

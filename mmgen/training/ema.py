@@ -1,7 +1,7 @@
 """Exponential moving average of model weights, kept as a separate object.
 
 Evaluation and export use the EMA weights; the IMM target branch uses the live weights
-(DESIGN.md §5: "current weights, stop-gradient (not EMA)").
+(a stop-gradient of the current weights, as IMM prescribes; docs/design.md §7).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""One training step's loss: text cross-entropy + lambda_img * image objective (DESIGN.md §5).
+"""One training step's loss: text cross-entropy + lambda_img * image objective (docs/design.md §7).
 
 The objective is a pure function of a network callable `net(x_in, t_in, s_in, cond) -> G`
-(CONTRACTS.md §1); here the callable is the whole packed forward with the image copies filled in.
+(docs/design.md §7); here the callable is the whole packed forward with the image copies filled in.
 The objective calls it twice: the student branch (with gradient; its forward also yields the text
 loss) and the target branch (under `torch.no_grad`, live weights: IMM's stop-gradient target).
 Which objective runs is a name in the config; this file never branches on it.

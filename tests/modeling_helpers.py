@@ -1,6 +1,6 @@
 """Hand-built packed rows for the model tests (the real packer is mmgen/data/packing.py).
 
-Layout per CONTRACTS.md §2: documents back to back (text, <|boi|>, N clean image tokens, <|eoi|>),
+Layout per docs/design.md §4: documents back to back (text, <|boi|>, N clean image tokens, <|eoi|>),
 then the noisy copies of every image of the row (student, then target), then padding.
 """
 

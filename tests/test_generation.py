@@ -1,4 +1,4 @@
-"""The interleaved generation engine (issue 6 §1): cached image steps equal a full recompute, call counts,
+"""The interleaved generation engine: cached image steps equal a full recompute, call counts,
 per-row seeds, cached greedy text equals uncached greedy, stopping."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The exact shapes-world judge (issue 4 §1): recovery, rejection, positions, text scoring."""
+"""The exact shapes-world judge: recovery, rejection, positions, text scoring."""
 
 import random
 

@@ -1,4 +1,4 @@
-"""Specification tests for mmgen.masks (CONTRACTS.md §2, DESIGN.md §4)."""
+"""Specification tests for mmgen.masks (the rule of docs/design.md §5)."""
 
 import random
 
@@ -21,7 +21,7 @@ NOISY = (K.IMAGE_NOISY, K.IMAGE_TARGET)
 
 # ---------------------------------------------------------------------------- reference rule
 def reference_mask(kind, doc, img, pe, uncond):
-    """Plain-Python loops over (b, q, k), written from the rule text of CONTRACTS.md §2."""
+    """Plain-Python loops over (b, q, k), written from the rule text of docs/design.md §5."""
     B, L = len(kind), len(kind[0])
     out = [[[False] * L for _ in range(L)] for _ in range(B)]
     for b in range(B):

@@ -92,7 +92,7 @@ def test_config_geometry_and_roundtrip(tmp_path):
     again = MMGenConfig.from_pretrained(tmp_path)
     assert again.to_dict() == config.to_dict()
     resolved = objective_config(again.objective, again.objective_params, sigma_data=again.sigma_data)
-    assert resolved.num_particles == 4  # DESIGN.md §5 default reaches the objective
+    assert resolved.num_particles == 4  # IMMConfig's default reaches the objective
 
 
 def test_message_names_both_numbers_when_image_size_does_not_divide():

@@ -1,4 +1,4 @@
-"""Specification tests for mmgen.objectives (issue 2 §2): golden values and properties of IMM
+"""Specification tests for mmgen.objectives: golden values and properties of IMM
 (Zhou, Ermon & Song, ICML 2025, arXiv 2503.07565) and the flow-matching baseline."""
 
 import pytest
@@ -18,7 +18,7 @@ from mmgen.objectives.imm import (
 
 F64 = torch.float64
 
-# Issue 2 golden table: OT-FM, sigma_d = 0.5, eps = 0, T = 0.994, k = 12, s = t / 2.
+# Golden values at OT-FM, sigma_d = 0.5, eps = 0, T = 0.994, k = 12, s = t / 2.
 GOLDEN_T = [0.05, 0.2, 0.5, 0.8, 0.95, 0.994]
 GOLDEN_R_NO_DELTA = [0.025, 0.1732490076, 0.4896798040, 0.7983689677, 0.9498986802, 0.9939985436]
 GOLDEN_R_DELTA = [0.025, 0.1732490076, 0.4896798040, 0.7983689677, 0.9498986802, 0.9939]

@@ -1,4 +1,4 @@
-"""Packing documents into rows (CONTRACTS.md §2 layout and metadata, §5 documents)."""
+"""Packing documents into rows (docs/design.md §3 documents, §4 layout and metadata)."""
 
 import itertools
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Specification tests for mmgen.sampling (issue 2 §3): call counts, guidance, per-sample
+"""Specification tests for mmgen.sampling: call counts, guidance, per-sample
 seeding, restart noise, and convergence to analytic answers with exact oracle networks."""
 
 import math
@@ -18,7 +18,7 @@ CONFIGS = {
 
 
 def _decode_times(x_in, t_in, s_in, config):
-    """Recover (x_t, t, s) from the network inputs (CONTRACTS.md §1: stride time input)."""
+    """Recover (x_t, t, s) from the network inputs (docs/design.md §7: the stride time input)."""
     t = t_in.double() / 1000
     s = t - s_in.double() / 1000
     x_t = x_in.double() / c_in(t, config).reshape(-1, *([1] * (x_in.ndim - 1)))

@@ -1,4 +1,4 @@
-"""The shapes world: scenes, renders, grammar, documents, held-out split (issue 4 §1)."""
+"""The shapes world: scenes, renders, grammar, documents, held-out split."""
 
 import json
 import random

@@ -1,4 +1,4 @@
-"""The SentencePiece tokenizer, its transformers conversion, special tokens and chat template (issue 4 §3)."""
+"""The SentencePiece tokenizer, its transformers conversion, special tokens and chat template."""
 
 import io
 import subprocess

@@ -4,7 +4,7 @@
 
 Each input file is read as UTF-8 text, one sentence per line (empty lines skipped), in the order given.
 DIR receives spm.model (SentencePiece), tokenizer.json + tokenizer_config.json (transformers; special
-tokens and chat template) and train_args.json. Special tokens take the fixed ids of CONTRACTS.md §4.
+tokens and chat template) and train_args.json. Special tokens take the fixed ids of docs/design.md §2.
 Training is deterministic: one thread, no sentence sampling or shuffling, and nothing path-dependent is
 stored in the model, so the same inputs give byte-identical files.
 
@@ -34,7 +34,7 @@ def read_sentences(files: list[str]) -> list[str]:
 
 
 def train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str = "bpe") -> bytes:
-    """The serialised SentencePiece model (ids 0-15 = CONTRACTS.md §4 specials, then 256 byte pieces)."""
+    """The serialised SentencePiece model (ids 0-15 = the specials of docs/design.md §2, then 256 byte pieces)."""
     import sentencepiece as spm
 
     from mmgen.tokenization import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, USER_DEFINED_SYMBOLS

@@ -15,7 +15,7 @@ steps) are judged like ShapeEval's single-object task: exactly one object, of th
 valid image. It prints accuracy against images seen and writes `OUT.json` and `OUT.png` (samples).
 `--objects 2` asks the same of two-object scenes ("Draw a red circle and a blue square.", "Draw two red
 circles."; 576 ordered prompts), judged like ShapeEval's two-object task: exactly one of each of two
-different train pairs and nothing else — attribute binding, which the full model fails (README "Status").
+different train pairs and nothing else — attribute binding, which the full model fails (README "Results").
 
 Architectures (same width and depth as the default backbone: 4 layers, 192 wide):
 - dit: linear patch embedding -> transformer (class token + patches; adaLN optional) -> linear head;
@@ -24,15 +24,8 @@ Architectures (same width and depth as the default backbone: 4 layers, 192 wide)
   token's final state (`--prompt-film cls`), which is what `image_head: unet` does with <|boi|>'s state;
 - unet: a plain 2-level conv U-Net with the class in every block (ADM-style), no transformer.
 
-Measured on the 2-core CPU (one thread per run, seed 0, 96 samples per point; issue 5 note), single-object
-exact accuracy after 19,200 / 38,400 images (300 / 600 steps of 64), this script: dit 0.04 / 0.04, hybrid
-0.18 / 0.57, hybrid with the tokenised prompt (`--prompt text`) 0.28 / 0.67 and with it only in the tokens
-(`--prompt text --prompt-film none`) 0.09 / 0.23 (`docs/probe/`: `--steps 600`); an earlier form of it: hybrid with the class only in the
-tokens (`--prompt-film none`) 0.07 / 0.22, unet 0.52 / 0.68, dit after 153,600 images 0.13. Two objects
-(`--prompt text --objects 2 --steps 6000 --eval-every 1000`, docs/probe/two_*): after 64k / 128k / 256k /
-384k images 0.00 / 0.06 / 0.14 / 0.03 with the `<|boi|>` state in the up blocks, 0.00 / 0.01 / 0.02 / 0.00
-without (96 samples per point; constant lr) — ten times the images of single objects for a tenth of the
-accuracy.
+What it has measured for each architecture and prompt route, with the commands: docs/findings.md ("The
+image pathway on a class-conditional stand-in"; the JSON files in docs/probe/).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ seed i for image i) and labels every pixel as the exact judge does (`mmgen.data.
 Row c of the confusion matrix is the share of c's non-background pixels judged to be each palette colour
 (last column: off-palette). It moves long before the exact verdict does: a model whose images are still
 judged wrong can already show that it reads the colour word (a bright diagonal), or that it only gets
-some colours right (issue 5 note: the primaries first, mixtures such as yellow and cyan later). The
+some colours right (the default model gets red, blue and purple right before the colours that need
+green: docs/findings.md). The
 `foreground` column is the share of pixels that are not background (a real single object covers 4-12%).
 
 Writes OUT/colour_confusion.json (matrix, foreground shares, diagonal mean, settings) and

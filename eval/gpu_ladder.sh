@@ -1,5 +1,5 @@
 #!/bin/bash
-# Accuracy vs training compute on one GPU (issues 5 and 7): several small recipes trained at once, each
+# Accuracy vs training compute on one GPU: several small recipes trained at once, each
 # exported and scored with eval/quick_t2i.py on the GPU; fp16 copies of the weights come back for deeper
 # evaluation elsewhere. Run from the repo root:
 #   bash eval/gpu_ladder.sh          (OUT=dir for the results; DRY=1 = a tiny CPU rehearsal of the script)

@@ -1,4 +1,5 @@
-"""Re-judge a finished `eval/run.py` output directory from its files alone (STYLE.md habit 11).
+"""Re-judge a finished `eval/run.py` output directory from its files alone
+(generators and judges talk through files, so any judge can score any generator).
 
     python eval/judge.py OUT_DIR [--write]
 

@@ -1,4 +1,5 @@
-"""Quality vs network evaluations: IMM and its flow-matching twin on one plot (issue 7, the central claim).
+"""Quality vs network evaluations: IMM and its flow-matching twin on one plot: does IMM
+at a few steps reach the quality its twin needs many steps for?
 
     python eval/run.py --model runs/default/final    --steps 1,2,4,8                --out runs/eval/default
     python eval/run.py --model runs/default_fm/final --steps 1,2,4,8,16,32,64       --out runs/eval/default_fm

@@ -7,7 +7,7 @@
 - Image latency per step count, with the cached prefix (the engine) and without (the whole sequence
   recomputed at every step), from `eval/bench_generation.py`'s `bench_prefix`.
 - Perplexity: exp(mean next-token NLL) over every text label of held-out shapes documents (caption, VQA,
-  multi-turn; images as clean context), the packer's labels (CONTRACTS.md §2).
+  multi-turn; images as clean context), the packer's labels (docs/design.md §4).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def sinusoidal_embedding(t_in: torch.Tensor, dim: int, max_period: float = 10000
 class FlowMapMLP(nn.Module):
     """G(x_in, t_in, s_in, cond) for 2-D data: residual MLP with two separate time embeddings.
 
-    As the transformer's image head (DESIGN.md Sec. 3): MLP(sinusoid(t_in)) + MLP(sinusoid(s_in)),
+    As the transformer's image embedding (docs/design.md §6): MLP(sinusoid(t_in)) + MLP(sinusoid(s_in)),
     separate MLPs, added to the hidden state of every block. `cond` is ignored (unconditional).
     """
 

@@ -1,6 +1,6 @@
 """Building an `Accelerator` whose multi-process runs are real, on GPUs and on CPU.
 
-accelerate has silent failure modes without CUDA (ENVIRONMENT.md, measured here):
+accelerate has silent failure modes without CUDA (seen with accelerate 1.15):
 - without DeepSpeed, processes only form a group when `cpu=True` is passed;
 - with DeepSpeed on CPU, `cpu=True` silently drops DeepSpeed; the gloo backend must be requested
   through `InitProcessGroupKwargs(backend="gloo")` instead.

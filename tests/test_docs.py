@@ -67,3 +67,13 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     doc.write_text(text)
     assert named_paths(text) == ["eval/gpu_check.sh", "eval/run.py", "gone/notes.md"]
     assert missing_paths(doc) == ["eval/gpu_check.sh", "gone/notes.md"]
+
+
+def test_every_cited_section_of_the_design_exists():
+    sections = set(re.findall(r"^## (\d+)\. ", (ROOT / "docs" / "design.md").read_text(), flags=re.MULTILINE))
+    cited = {f"{path.relative_to(ROOT)}: §{n}" for path in tracked_text_files() if path.is_file()
+             for m in re.finditer(r"design\.md §(\d+)(?:-§(\d+))?", path.read_text(errors="replace"))
+             for n in filter(None, m.groups())}
+    assert cited, "nothing cites docs/design.md"
+    missing = sorted(c for c in cited if c.rsplit("§", 1)[1] not in sections)
+    assert not missing, "docs/design.md has no such section:\n" + "\n".join(missing)

@@ -250,6 +250,59 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         return embeds, position_ids, [kind, doc, img, pid, pe]
 
     # ---- forward --------------------------------------------------------------------------------------
+    def _packed_inputs(self, embeds, input_ids, position_ids, meta, copies, image_uncond, attention_mask, cache,
+                       past):
+        """Packed rows' inputs for the backbone: (embeds with the image slots filled, backbone positions,
+        metadata, per-kind image conditions, attention mask). `copies`: kind -> latents (clean) or
+        (latents, t, s) (noisy and target copies)."""
+        token_kind = meta[0]
+        B, L = token_kind.shape
+        for name, t in zip(("document_ids", "image_ids", "patch_ids", "prefix_end"), meta[1:]):
+            if t is None or t.shape != (B, L):
+                raise ValueError(f"{name} must be a (B, L)=({B}, {L}) tensor when token_kind is given")
+        noisy_any = bool(((token_kind == TokenKind.IMAGE_NOISY) | (token_kind == TokenKind.IMAGE_TARGET)).any())
+        if cache is not None and (past > 0 or noisy_any) and attention_mask is None:
+            raise ValueError(
+                "a cache with packed metadata is only for prefilling an empty cache with text and clean "
+                "images; use image_step() / append_clean_image() on a filled cache"
+            )
+        clean_latents = copies[TokenKind.IMAGE_CLEAN]
+        zeros = torch.zeros(clean_latents.shape[0] if clean_latents is not None else 0, device=embeds.device)
+        clean = None if clean_latents is None else clean_latents / self.config.sigma_data
+        copies = {**copies, TokenKind.IMAGE_CLEAN: (clean, zeros, zeros)}  # clean copy: t = s = 0
+        embeds, conds = self._embed_images(embeds, token_kind, meta[2], meta[3], copies)
+        bb_pos = position_ids
+        if image_uncond is not None and bool(image_uncond.any()) and noisy_any and attention_mask is None:
+            embeds, bb_pos, meta = self._add_null_context(embeds, input_ids, position_ids, meta, image_uncond)
+        if attention_mask is None:
+            kind, doc, img, _, pe = meta
+            if self._attn_impl() == "flex_attention":
+                attention_mask = build_block_mask(kind, doc, img, pe, image_uncond)
+            else:
+                attention_mask = build_dense_mask(kind, doc, img, pe, image_uncond, dtype=embeds.dtype)
+        return embeds, bb_pos, meta, conds, attention_mask
+
+    def _text_loss(self, hidden, labels, is_text, document_ids) -> torch.Tensor:
+        """Next-token cross-entropy over labelled positions whose predicting token is TEXT of the same document."""
+        valid = (labels[:, 1:] != -100) & is_text[:, :-1]  # (B, L-1): position i predicts labels[i+1]
+        if document_ids is not None:
+            valid &= document_ids[:, 1:] == document_ids[:, :-1]
+        sel_logits = self._lm_head(hidden[:, :-1][valid]).float()  # (n, V)
+        return F.cross_entropy(sel_logits, labels[:, 1:][valid]) if sel_logits.shape[0] else hidden.sum() * 0
+
+    def _text_logits(self, hidden, is_text, logits_to_keep, *, multimodal: bool, training: bool):
+        """The logits `forward` returns (its docstring): kept positions, all positions, or TEXT positions only."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep > 0:
+            return self._lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        if not multimodal:
+            return self._lm_head(hidden)
+        if training:
+            return None
+        B, L = is_text.shape
+        text_logits = self._lm_head(hidden[is_text])  # (n, V)
+        return text_logits.new_zeros(B, L, text_logits.shape[-1]).index_put(is_text.nonzero(as_tuple=True),
+                                                                           text_logits)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -305,43 +358,22 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
             position_ids = (torch.arange(L, device=input_ids.device) + past).expand(B, L)
         embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
         multimodal = token_kind is not None
-        conds = {}
+        conds, meta, bb_pos = {}, None, position_ids
         if multimodal:
             meta = [token_kind, document_ids, image_ids, patch_ids, prefix_end]
-            for name, t in zip(("document_ids", "image_ids", "patch_ids", "prefix_end"), meta[1:]):
-                if t is None or t.shape != (B, L):
-                    raise ValueError(f"{name} must be a (B, L)=({B}, {L}) tensor when token_kind is given")
-            noisy_any = bool(((token_kind == TokenKind.IMAGE_NOISY) | (token_kind == TokenKind.IMAGE_TARGET)).any())
-            if cache is not None and (past > 0 or noisy_any) and attention_mask is None:
-                raise ValueError(
-                    "a cache with packed metadata is only for prefilling an empty cache with text and clean "
-                    "images; use image_step() / append_clean_image() on a filled cache"
-                )
-            use_cache = bool(use_cache or return_target_prefix) if cache is None else True
             if return_target_prefix and cache is not None:
                 raise ValueError("return_target_prefix needs a forward without a cache (a training forward)")
-            zeros = torch.zeros(clean_latents.shape[0] if clean_latents is not None else 0, device=embeds.device)
-            clean = None if clean_latents is None else clean_latents / self.config.sigma_data
+            use_cache = bool(use_cache or return_target_prefix) if cache is None else True
             copies = {
-                TokenKind.IMAGE_CLEAN: (clean, zeros, zeros),  # clean copy: t = s = 0
+                TokenKind.IMAGE_CLEAN: clean_latents,
                 TokenKind.IMAGE_NOISY: (noisy_latents, noisy_t, noisy_s),
                 TokenKind.IMAGE_TARGET: (target.latents, target.t, target.s) if target else (None, None, None),
             }
-            embeds, conds = self._embed_images(embeds, token_kind, image_ids, patch_ids, copies)
-            bb_pos = position_ids
-            if image_uncond is not None and bool(image_uncond.any()) and noisy_any and attention_mask is None:
-                embeds, bb_pos, meta = self._add_null_context(embeds, input_ids, position_ids, meta, image_uncond)
-            if attention_mask is None:
-                kind, doc, img, _, pe = meta
-                if self._attn_impl() == "flex_attention":
-                    attention_mask = build_block_mask(kind, doc, img, pe, image_uncond)
-                else:
-                    attention_mask = build_dense_mask(kind, doc, img, pe, image_uncond, dtype=embeds.dtype)
-        else:
-            bb_pos = position_ids
-            if any(t is not None for t in (document_ids, image_ids, patch_ids, prefix_end, clean_latents,
-                                           noisy_latents, target)):
-                raise ValueError("image metadata/latents were given without token_kind")
+            embeds, bb_pos, meta, conds, attention_mask = self._packed_inputs(
+                embeds, input_ids, position_ids, meta, copies, image_uncond, attention_mask, cache, past)
+        elif any(t is not None for t in (document_ids, image_ids, patch_ids, prefix_end, clean_latents,
+                                         noisy_latents, target)):
+            raise ValueError("image metadata/latents were given without token_kind")
 
         out = self.backbone(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=bb_pos,
@@ -350,23 +382,8 @@ class MMGenForConditionalGeneration(MMGenPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state[:, :L]  # (B, L, D): drop appended null-context columns
         is_text = token_kind == TokenKind.TEXT if multimodal else torch.ones_like(input_ids, dtype=torch.bool)
 
-        loss = None
-        if labels is not None:
-            valid = (labels[:, 1:] != -100) & is_text[:, :-1]  # (B, L-1): position i predicts labels[i+1]
-            if multimodal:
-                valid &= document_ids[:, 1:] == document_ids[:, :-1]
-            sel_logits = self._lm_head(hidden[:, :-1][valid]).float()  # (n, V)
-            loss = F.cross_entropy(sel_logits, labels[:, 1:][valid]) if sel_logits.shape[0] else hidden.sum() * 0
-
-        logits = None
-        if not isinstance(logits_to_keep, int) or logits_to_keep > 0:
-            logits = self._lm_head(slice_logits_to_keep(hidden, logits_to_keep))
-        elif not multimodal:
-            logits = self._lm_head(hidden)
-        elif labels is None:
-            text_logits = self._lm_head(hidden[is_text])  # (n, V)
-            logits = text_logits.new_zeros(B, L, text_logits.shape[-1]).index_put(is_text.nonzero(as_tuple=True),
-                                                                                 text_logits)
+        loss = None if labels is None else self._text_loss(hidden, labels, is_text, document_ids)
+        logits = self._text_logits(hidden, is_text, logits_to_keep, multimodal=multimodal, training=labels is not None)
 
         outputs = {}
         if multimodal:

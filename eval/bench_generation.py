@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from mmgen.configuration_mmgen import TINY_LLAMA_KWARGS, MMGenConfig
-from mmgen.generation import collate_prompts, generate_image, naive_generate_image
+from mmgen.evaluation.speed import bench_prefix
 from mmgen.modeling_mmgen import MMGenForConditionalGeneration
 
 
@@ -46,80 +44,6 @@ def build_model(args) -> MMGenForConditionalGeneration:
     )
     config = MMGenConfig(text_config=text, image_size=args.image_size, patch_size=args.patch_size)
     return MMGenForConditionalGeneration(config).eval()
-
-
-def _seeded():
-    return [torch.Generator().manual_seed(0)]  # the same starting noise for both paths
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` runs after one warm-up, in seconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def bench_prefix(model, prefix_len: int, steps: list[int], guidance: float, repeats: int) -> list[dict]:
-    cfg = model.config
-    g = torch.Generator().manual_seed(prefix_len)
-    ids = [cfg.bos_token_id] + torch.randint(
-        16, cfg.text_config.vocab_size, (prefix_len - 2,), generator=g
-    ).tolist()
-    batch = collate_prompts(model, None, [ids], append_boi=True)  # P tokens, the last one <|boi|>
-    assert batch["input_ids"].shape[1] == prefix_len
-    meta = {k: v for k, v in batch.items() if k != "clean_latents"}
-    position = batch["position_ids"][:, -1] + 1
-    cache_box = {}
-
-    def prefill():
-        from transformers.cache_utils import DynamicCache
-
-        cache_box["cache"] = DynamicCache(config=cfg.text_config)
-        model(**meta, cache=cache_box["cache"], logits_to_keep=1)
-
-    prefill_s = timed(prefill, repeats)
-    rows = []
-    for n in steps:
-
-        def cached(n=n):
-            cache = cache_box["cache"]
-            latents = generate_image(
-                model, cache, image_position=position, num_steps=n, guidance=guidance, generators=_seeded()
-            )
-            model.append_clean_image(cache, latents, image_position=position)
-            cache.crop(-cfg.num_image_tokens)  # back to the prefix for the next repeat
-
-        def naive(n=n):
-            naive_generate_image(model, batch, num_steps=n, guidance=guidance, generators=_seeded())
-
-        cached_s, naive_s = timed(cached, repeats), timed(naive, repeats)
-        rows.append(
-            {
-                "prefix": prefix_len,
-                "num_steps": n,
-                "cached_ms": 1e3 * cached_s,
-                "naive_ms": 1e3 * naive_s,
-                "speedup": naive_s / cached_s,
-                "prefill_ms": 1e3 * prefill_s,
-            }
-        )
-        print(
-            f"  prefix {prefix_len:5d}  steps {n}: cached {1e3 * cached_s:8.1f} ms  naive {1e3 * naive_s:8.1f} ms",
-            flush=True,
-        )
-    return rows
 
 
 def main(argv=None) -> dict:

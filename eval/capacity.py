@@ -6,7 +6,7 @@ own marginal: from the valid phrases "high card", "two pair" and "full house" it
 however well it is trained. Only one token per step (L = N steps for N tokens) is exact; an autoregressive
 model with the same backbone decodes one token per step by construction. The continuous analogue is a
 flow-matching model's single Euler step, which lands on the conditional mean E[x | x_1] between the modes,
-against one step of an IMM flow map trained to jump (eval/toy2d.py's models and training).
+against one step of an IMM flow map trained to jump (mmgen/evaluation/toy2d.py's models and training).
 
     python eval/capacity.py [--out runs/capacity] [--steps 1500]
 
@@ -26,7 +26,6 @@ import dataclasses
 import itertools
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -34,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgen.evaluation import toy2d
 from mmgen.evaluation.quick import wilson
 from mmgen.extras import pyplot
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ is scripts, not a package
-import toy2d
 
 plt = pyplot("eval/capacity.py")  # on the Agg backend: the script only writes files
 
@@ -57,7 +54,7 @@ class CapacityConfig:
     codes_length: int = 4  # tokens per phrase of the synthetic set
     codes_vocab: int = 8  # distinct tokens per position of the synthetic set
     codes_count: int = 32  # valid phrases of the synthetic set
-    toy_steps: int = 1500  # training steps of each 2-D flow model (eval/toy2d.py)
+    toy_steps: int = 1500  # training steps of each 2-D flow model (mmgen/evaluation/toy2d.py)
     seed: int = 0
 
 
@@ -228,7 +225,7 @@ def discrete(data: PhraseSet, cfg: CapacityConfig) -> dict:
 
 
 def continuous(cfg: CapacityConfig) -> tuple[dict, dict]:
-    """One and eight steps of each 2-D method of eval/toy2d.py (flow matching; IMM with the Laplace and the
+    """One and eight steps of each 2-D method of mmgen/evaluation/toy2d.py (flow matching; IMM with the Laplace and the
     Gaussian kernel) on the ring (eight modes at radius ~0.70): how far the samples fall from the ring.
     Returns the scores and the samples for the plot."""
     tcfg = toy2d.Toy2DConfig(steps=cfg.toy_steps, seed=cfg.seed)

@@ -5,7 +5,7 @@ SDPA vs FlexAttention, without and with `torch.compile`; one JSON and one PNG.
     DRY=1 python eval/gpu_throughput.py --out OUT        # CPU rehearsal: tiny shapes, one thread, ~1-2 min
 
 Presets: `configs/gpu.yaml` (the 116M backbone, 12 x 768) at sequence length 2,048 and
-`configs/shapes_gpu.yaml` (4 x 192, U-Net codec, batch 64 x 256). Each variant is `eval/speed.py`'s
+`configs/shapes_gpu.yaml` (4 x 192, U-Net codec, batch 64 x 256). Each variant is `mmgen/evaluation/speed.py`'s
 `training_throughput` (the real `compute_losses` step with the preset's objective and document mix, AdamW,
 bf16 autocast, median step after warm-up) on a fresh model with random weights and a random VAE of stage 1's
 architecture; tokens/s counts non-pad tokens, MFU is `mmgen.training.perf`'s (docs/speed/README.md). A
@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
-sys.path.insert(0, str(ROOT / "training"))
 
 # name: (preset, overrides on the GPU, overrides for DRY=1 on CPU)
 PRESETS = {
@@ -44,11 +41,10 @@ ATTENTION = ("sdpa", "flex_attention")
 
 def build(preset: str, overrides: list[str], device: torch.device):
     """(model, processor, config) of a preset with random weights; the VAE has stage 1's architecture."""
-    from train_vae import VAETrainConfig
-
     from mmgen.config import load_config
     from mmgen.processing_mmgen import MMGenProcessor
     from mmgen.training.build import build_model, build_tokenizer
+    from mmgen.training.vae_stage import VAETrainConfig
     from mmgen.vae import MMGenVAE
 
     cfg = load_config(ROOT / preset, overrides)
@@ -61,7 +57,7 @@ def build(preset: str, overrides: list[str], device: torch.device):
 
 
 def measure(name: str, attention: str, compiled: bool, *, dry: bool, device: torch.device) -> dict:
-    from speed import training_throughput
+    from mmgen.evaluation.speed import training_throughput
 
     preset, gpu_args, dry_args = PRESETS[name]
     torch._dynamo.reset()  # each variant compiles its own model from scratch

@@ -12,7 +12,7 @@ Suites (each module's docstring has the details):
 - Interleaved (mmgen/evaluation/interleaved.py): multi-turn programs, images and answers against the accumulated
   scene, image-emission precision/recall (at the largest --steps <= 4 and the first --cfg).
 - Perplexity of held-out shapes text, training tokens/s and MFU, image latency per step count with and
-  without the cached prefix (eval/speed.py). On a GPU the same command runs unchanged (bf16 autocast for
+  without the cached prefix (mmgen/evaluation/speed.py). On a GPU the same command runs unchanged (bf16 autocast for
   training, the model's attention implementation, e.g. flex, for inference).
 Every accuracy has a 95% Wilson interval; seeds and sample counts are in results.json.
 
@@ -36,12 +36,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/ holds scripts, not a package
-import speed
-
 from mmgen.cli import ArgumentParser, UsageError, run_cli
 from mmgen.data.shapes import Scene, render
-from mmgen.evaluation import report
+from mmgen.evaluation import report, speed
 from mmgen.evaluation.interleaved import generate_interleaved_run, programs
 from mmgen.evaluation.judge import judge_all
 from mmgen.evaluation.quick import TEST_SEED

@@ -1,10 +1,9 @@
 """MFU (mmgen/training/perf.py): one FLOP count per training step and one peak, for the training log and
-eval/speed.py."""
+mmgen/evaluation/speed.py."""
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -82,12 +81,10 @@ def test_step_flops_count_every_pass_the_step_ran(model, objective, target_pass,
 
 
 def test_speed_reports_the_training_log_mfu_of_its_measured_step(model):
-    """eval/speed.py's MFU is the shared FLOP count over its step time and the shared peak."""
+    """mmgen/evaluation/speed.py's MFU is the shared FLOP count over its step time and the shared peak."""
+    from mmgen.evaluation import speed
     from mmgen.processing_mmgen import MMGenProcessor
     from mmgen.tokenization import load_tokenizer
-
-    sys.path.insert(0, str(ROOT / "eval"))
-    import speed
 
     processor = MMGenProcessor.from_config(model.config, load_tokenizer(str(ROOT / "tokenizers" / "shapes")))
     r = speed.training_throughput(model.eval(), processor, rows=2, seq_len=128, steps=1)
@@ -120,8 +117,9 @@ def test_the_peak_is_a_datasheet_number_on_known_gpus_and_the_run_dtype_on_cpu()
 
 
 def test_the_gpu_throughput_script_refuses_a_machine_without_cuda_unless_dry(monkeypatch, capsys):
-    sys.path.insert(0, str(ROOT / "eval"))
-    import gpu_throughput
+    from train_helpers import load_script
+
+    gpu_throughput = load_script("eval/gpu_throughput.py")
 
     monkeypatch.delenv("DRY", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

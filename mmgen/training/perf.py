@@ -1,6 +1,6 @@
 """Model FLOPs utilisation (MFU): the model FLOPs of a training step / its time / the device's peak.
 
-One definition for the training log and `eval/speed.py`. FLOPs follow the PaLM/nanoGPT convention
+One definition for the training log and `mmgen/evaluation/speed.py`. FLOPs follow the PaLM/nanoGPT convention
 (model FLOPs, not hardware FLOPs: no recomputation, no padding, no optimizer): per pass of the network,
 `MMGenForConditionalGeneration.estimate_flops` (6N per trained token plus dense attention, a third of that
 for tokens run without gradient). A step runs the student pass (every non-pad token, with gradient)

@@ -5,7 +5,7 @@
   the training log computes them (`mmgen.training.perf`: the passes the step ran, 6N + attention per token;
   peak: measured bf16 matmul on CPU, data-sheet bf16 on known GPUs). bf16 autocast on both CPU and GPU.
 - Image latency per step count, with the cached prefix (the engine) and without (the whole sequence
-  recomputed at every step), from `eval/bench_generation.py`'s `bench_prefix`.
+  recomputed at every step), `bench_prefix` below (its command: `eval/bench_generation.py`).
 - Perplexity: exp(mean next-token NLL) over every text label of held-out shapes documents (caption, VQA,
   multi-turn; images as clean context), the packer's labels (docs/design.md §4).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from mmgen.data.packing import PackingConfig, collate_documents
 from mmgen.data.shapes_docs import iter_documents
 from mmgen.evaluation.quick import TEST_SEED
+from mmgen.generation import collate_prompts, generate_image, naive_generate_image
 
 
 def _sync(device):
@@ -96,12 +98,6 @@ def training_throughput(model, processor, *, rows: int = 8, seq_len: int = 256, 
 
 def image_latency(model, *, prefix: int = 256, steps=(1, 2, 4, 8), guidance: float = 1.0, repeats: int = 2) -> dict:
     """ms per image with the cached prefix and with a full recompute, per step count, and their ratio."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_generation import bench_prefix
-
     rows = bench_prefix(model, prefix, list(steps), guidance, repeats)
     one = next((r for r in rows if r["num_steps"] == min(steps)), rows[0])
     for r in rows:
@@ -143,3 +139,76 @@ def perplexity(model, processor, *, num_docs: int = 64, seq_len: int = 512, batc
             totals[text_loss][1] += int(mask.sum())
     sums = {k: {"perplexity": math.exp(nll / n), "nll_per_token": nll / n, "tokens": n} for k, (nll, n) in totals.items()}
     return {**sums["all"], "assistant": sums["assistant"], "documents": len(docs), "split": "heldout"}
+
+
+# ------------------------------------------------------------------ one image: cached engine vs naive
+
+
+def _seeded():
+    return [torch.Generator().manual_seed(0)]  # the same starting noise for both paths
+
+
+def timed(fn, repeats: int, device: torch.device | None = None) -> float:
+    """Median wall time of `fn()` over `repeats` runs after one warm-up, in seconds."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_prefix(model, prefix_len: int, steps: list[int], guidance: float, repeats: int) -> list[dict]:
+    cfg = model.config
+    g = torch.Generator().manual_seed(prefix_len)
+    ids = [cfg.bos_token_id] + torch.randint(
+        16, cfg.text_config.vocab_size, (prefix_len - 2,), generator=g
+    ).tolist()
+    batch = collate_prompts(model, None, [ids], append_boi=True)  # P tokens, the last one <|boi|>
+    assert batch["input_ids"].shape[1] == prefix_len
+    meta = {k: v for k, v in batch.items() if k != "clean_latents"}
+    position = batch["position_ids"][:, -1] + 1
+    cache_box = {}
+
+    def prefill():
+        from transformers.cache_utils import DynamicCache
+
+        cache_box["cache"] = DynamicCache(config=cfg.text_config)
+        model(**meta, cache=cache_box["cache"], logits_to_keep=1)
+
+    prefill_s = timed(prefill, repeats)
+    rows = []
+    for n in steps:
+
+        def cached(n=n):
+            cache = cache_box["cache"]
+            latents = generate_image(
+                model, cache, image_position=position, num_steps=n, guidance=guidance, generators=_seeded()
+            )
+            model.append_clean_image(cache, latents, image_position=position)
+            cache.crop(-cfg.num_image_tokens)  # back to the prefix for the next repeat
+
+        def naive(n=n):
+            naive_generate_image(model, batch, num_steps=n, guidance=guidance, generators=_seeded())
+
+        cached_s, naive_s = timed(cached, repeats), timed(naive, repeats)
+        rows.append(
+            {
+                "prefix": prefix_len,
+                "num_steps": n,
+                "cached_ms": 1e3 * cached_s,
+                "naive_ms": 1e3 * naive_s,
+                "speedup": naive_s / cached_s,
+                "prefill_ms": 1e3 * prefill_s,
+            }
+        )
+        print(
+            f"  prefix {prefix_len:5d}  steps {n}: cached {1e3 * cached_s:8.1f} ms  naive {1e3 * naive_s:8.1f} ms",
+            flush=True,
+        )
+    return rows

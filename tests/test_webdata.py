@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mmgen.data.sample_format import encode_document, encode_pair, encode_png
-from mmgen.data.webdata import DataWarning, WebDocuments, _split, collate_documents, tar_end_problem
+from mmgen.data.tar_shards import tar_end_problem
+from mmgen.data.webdata import DataWarning, WebDocuments, _split, collate_documents
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
 

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from mmgen.data.sample_format import PROBLEMS
-from mmgen.data.webdata import DataWarning, NoDocumentsError, WebDocuments, tar_end_problem
+from mmgen.data.tar_shards import tar_end_problem
+from mmgen.data.webdata import DataWarning, NoDocumentsError, WebDocuments
 
 
 def png(colour=(255, 0, 0), size=(4, 4)) -> bytes:

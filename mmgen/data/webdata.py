@@ -16,7 +16,7 @@ buffer would lose its contents on a restart). With resampled=True each worker in
 ceil(num_shards / num_workers_total) shards with replacement per epoch from an RNG seeded by
 (seed, epoch, worker), an infinite stream when epochs=None.
 
-Each shard is read by our own loop over its members (`webdataset.gopen` opens local paths, `file:`,
+Each shard is read by our own loop over its members (`mmgen.data.tar_shards`; `webdataset.gopen` opens local paths, `file:`,
 `pipe:` and the remote schemes webdataset knows; Python's streaming `tarfile` walks it), grouped into
 samples by key as webdataset does (consecutive members `KEY.ext`, suffix lower-cased). Owning the
 grouping lets a sample with a repeated member be skipped as a whole, where webdataset keeps the first
@@ -69,31 +69,20 @@ instead, call `reader.load_state_dict(reader.state_dict())` first.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
-import glob
-import json
 import math
-import os
 import random
-import re
-import tarfile
-import time
 import warnings
 from collections.abc import Iterable, Iterator
-from urllib.parse import urlparse
 
-import braceexpand
 import torch
 import webdataset as wds
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from mmgen.cli import UsageError
 from mmgen.data.pairs import PairFormat
 from mmgen.data.sample_format import MAX_TEXT_CHARS, PROBLEMS, SampleError, decode_sample
+from mmgen.data.tar_shards import TarDamage, expand_shards, tar_members, tar_samples
 
 STATE_VERSION = 1
 
@@ -107,130 +96,8 @@ class NoDocumentsError(UsageError):
     message names the shards and the reader's counters; `mmgen.cli.run_cli` prints it as one line."""
 
 
-class TarDamage(Exception):
-    """Unreadable tar data; `key` names the sample being read when it was met (dropped with the rest)."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-
-# samples: tar samples read, good or bad; documents: delivered; tar_errors: shards cut short or
-# unreadable; captions_cut: pair captions cut to their token budget (delivered); then one counter per
-# sample problem (meanings: mmgen.data.sample_format).
 COUNTERS = ("samples", "documents", "tar_errors", "captions_cut", *PROBLEMS)
 MAX_LOCAL_WORKERS = 64
-
-
-def expand_shards(urls: str | Iterable[str]) -> list[str]:
-    """Shard list from a directory (its *.tar, sorted), a glob, a brace pattern, '::'-joined
-    patterns, or a list of any of these. Raises if nothing matches."""
-    if isinstance(urls, str):
-        urls = urls.split("::")
-    out: list[str] = []
-    for pattern in urls:
-        if os.path.isdir(pattern):
-            out.extend(sorted(glob.glob(os.path.join(pattern, "*.tar"))))
-            continue
-        for url in braceexpand.braceexpand(pattern):
-            matched = sorted(glob.glob(url)) if glob.has_magic(url) else [url]
-            out.extend(matched)
-    if not out:
-        raise FileNotFoundError(f"no shards match {urls!r}")
-    return out
-
-
-def tar_end_problem(url: str) -> str | None:
-    """Why a local .tar does not end cleanly, or None (also None for remote or compressed shards).
-
-    Python's streaming tar reader (the one we use) stops silently at a truncated file or at garbage
-    after the first member, so a cut shard would lose its tail unnoticed. This walks the 512-byte
-    headers (checksum + size, seeking over the data) up to the end-of-archive zero block, or up to
-    the end of the file when it ends right after a member (valid data without the end marker)."""
-    parsed = urlparse(url)
-    path = parsed.path if parsed.scheme in ("", "file") else None
-    if path is None or not path.endswith(".tar") or not os.path.isfile(path):
-        return None
-    block = 512
-    with open(path, "rb") as f:
-        file_size, offset = os.fstat(f.fileno()).st_size, 0
-        while True:  # walk the headers: ~us each, where tarfile's parser costs ~40 us
-            f.seek(offset)
-            header = f.read(block)
-            if not header and offset > 0:
-                return None  # ends at a member boundary: nothing is missing
-            if len(header) < block:
-                return f"tar ends inside a member at byte {offset} (truncated); samples after it are lost"
-            if header.count(0) == block:
-                return None  # end-of-archive marker
-            stored, size = _header_checksum_and_size(header)
-            computed = sum(header[:148]) + 8 * 32 + sum(header[156:])  # checksum field counted as spaces
-            if stored != computed or size < 0:
-                return f"corrupt tar header at byte {offset} (garbage or truncated); samples after it are lost"
-            offset += block + -(-size // block) * block
-            if offset > file_size:
-                return "tar member runs past the end of the file (truncated); samples after it are lost"
-
-
-def _header_checksum_and_size(header: bytes) -> tuple[int, int]:
-    """(stored checksum, member size) of a ustar/GNU header; -1 for a field that does not parse."""
-    try:
-        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
-        size_field = header[124:136]
-        if size_field[0] & 0x80:  # GNU base-256 size
-            return stored, int.from_bytes(size_field[1:], "big")
-        return stored, int(size_field.strip(b"\0 ") or b"0", 8)
-    except ValueError:
-        return -1, -1
-
-
-_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (e.g. __index__): not samples
-
-
-def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular members of one shard, in tar order; raises on any damage, including
-    the silent stops that `tar_end_problem` finds in a local .tar."""
-    stream = gopen(url)
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if info.isreg() and not _META_MEMBER.match(info.name):
-                    yield info.name, tar.extractfile(info).read()
-                tar.members = []  # a streaming read need not keep every header
-        stream.close()  # a pipe reports its command's exit status here
-    finally:
-        with contextlib.suppress(Exception):  # already failed or abandoned: the first error is the one to report
-            stream.close()
-    problem = tar_end_problem(url)
-    if problem is not None:
-        raise tarfile.ReadError(problem)
-
-
-def tar_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
-    """Consecutive members sharing a key -> one sample {"__key__": key, suffix: data, ...}, suffixes
-    lower-cased as webdataset does. A repeated suffix is marked in "__duplicate__" (the first copy is
-    kept). A damage in `members` is raised as TarDamage naming the unfinished sample, never yielded."""
-    sample: dict | None = None
-    try:
-        for name, data in members:
-            key, suffix = base_plus_ext(name)
-            if key is None:  # no extension: not part of a sample
-                continue
-            suffix = suffix.lower()
-            if sample is not None and key != sample["__key__"]:
-                yield sample
-                sample = None
-            if sample is None:
-                sample = {"__key__": key}
-            if suffix in sample:
-                sample.setdefault("__duplicate__", suffix)
-            else:
-                sample[suffix] = data
-    except Exception as exn:  # gopen and tarfile raise many types (OSError, EOFError, TarError, ...)
-        key = sample["__key__"] if sample is not None else None
-        raise TarDamage(f"{type(exn).__name__}: {str(exn)[:200]}", key) from exn
-    if sample is not None:
-        yield sample
 
 
 def collate_documents(batch: list[dict]) -> list[dict]:
@@ -505,60 +372,3 @@ class WebDocuments(torch.utils.data.IterableDataset):
                 )
         self._base = copy.deepcopy(state)
         self._observed.clear()
-
-
-# ------------------------------------------------------------------------------------ benchmark
-
-
-def bench(
-    path: str,
-    *,
-    num_workers: int,
-    batch_size: int = 64,
-    resolution: int = 32,
-    max_documents: int | None = None,
-) -> dict[str, float]:
-    """Documents/s and images/s through a torch DataLoader over one pass of the shards at `path`."""
-    reader = WebDocuments(path, resolution=resolution, shuffle=True, seed=0, epochs=1)
-    loader = torch.utils.data.DataLoader(
-        reader, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_documents
-    )
-    start = time.perf_counter()
-    documents = images = 0
-    first_batch_s = None
-    for docs in loader:
-        if first_batch_s is None:  # worker start-up and the first shard open
-            first_batch_s = time.perf_counter() - start
-        reader.observe(docs)
-        documents += len(docs)
-        images += sum(len(s.get("images", ())) + ("image" in s) for d in docs for s in d["segments"])
-        if max_documents is not None and documents >= max_documents:
-            break
-    seconds = time.perf_counter() - start
-    return {
-        "num_workers": num_workers,
-        "documents": documents,
-        "images": images,
-        "seconds": round(seconds, 3),
-        "first_batch_s": round(first_batch_s or 0.0, 3),
-        "documents_per_s": round(documents / seconds, 1),
-        "images_per_s": round(images / seconds, 1),
-        "skipped": reader.stats["skipped"],
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Benchmark reading webdataset shards of documents.")
-    parser.add_argument("--bench", required=True, metavar="SHARDS", help="directory, glob or brace pattern")
-    parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--max-documents", type=int, default=None)
-    args = parser.parse_args(argv)
-    for num_workers in args.num_workers:
-        print(json.dumps(bench(args.bench, num_workers=num_workers, batch_size=args.batch_size,
-                               resolution=args.resolution, max_documents=args.max_documents)))
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,8 @@ YAML files in `configs/` only set leaves of these dataclasses (torchtitan-style)
 an error that names it. Command-line overrides use dotted paths: `--optim.lr 3e-4` or
 `--optim.lr=3e-4`. The resolved config is written as JSON beside every run and checkpoint. Every
 problem is a `ConfigError` naming the key and where it came from: the YAML file, or the command-line
-override.
+override. The sections and their loader share this file (a little over 500 lines) so that every
+setting a user can write, its default, its check and how a value is read from text are in one place.
 
 Relative paths. Settings that name something the run reads and that must exist (`INPUT_PATHS`:
 model.tokenizer, model.vae, model.init_from, model.init_text_model, run.deepspeed_config; and the

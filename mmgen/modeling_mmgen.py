@@ -17,6 +17,10 @@ Generation shows the model the same null context with `null_context_cache`.
 
 transformers 5 conventions: forward takes `cache`, there is no
 `cache_position` (positions come from `position_ids` or `cache.get_seq_length()`), `dtype=`.
+
+One model, one file, as in transformers' `modeling_*.py`: the training forward, the cached image steps
+generation calls and the FLOP count read together; the parts with a life of their own live beside it
+(`image_embedding.py`, `masks.py`, `cache_view.py`, `target_copies.py`).
 """
 
 from __future__ import annotations

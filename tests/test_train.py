@@ -26,8 +26,7 @@ def common(inputs, out: Path, name: str = "t") -> list[str]:
             "--run.output_dir", str(out), "--run.name", name]
 
 
-# Relative and under runs/, so train.py's stage 1 makes it in the working directory; a name no checkout holds,
-# since a relative input path that is missing there is looked up in the repository.
+# Relative and under runs/, so train.py's stage 1 makes it in the working directory (a name no checkout holds).
 STAGE1_VAE = "runs/vae-made-by-stage-1"
 
 
@@ -233,6 +232,18 @@ def test_golden_loss_curve_of_the_tiny_config(inputs, tmp_path):
     # MMD^2 (a difference of kernel means of order 1), far below the smallest golden value.
     torch.testing.assert_close(torch.tensor(curve["image"]), torch.tensor(golden["image"]), rtol=2e-2, atol=1e-6)
     assert curve["text"][-1] < curve["text"][0]  # it learns
+
+
+def test_throughput_is_logged_per_step_of_each_window_in_non_pad_tokens(inputs, tmp_path):
+    """log_every 2 over 3 steps: windows of 2 and 1 steps. tokens_per_s x seconds_per_step is the non-pad
+    tokens of a step (fewer than the rows' batch_size x seq_len positions, more than none)."""
+    launch([*common(inputs, tmp_path), "--run.log_every", "2"])
+    rows = losses(tmp_path / "t")
+    assert [r["step"] for r in rows] == [2, 3]
+    for r in rows:
+        assert r["seconds_per_step"] > 0
+        assert 0 < r["tokens_per_s"] * r["seconds_per_step"] < 4 * 128  # tiny_train.yaml: 4 rows x 128
+        assert r["images_per_s"] * r["seconds_per_step"] >= 1
 
 
 @pytest.mark.slow

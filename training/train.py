@@ -32,6 +32,7 @@ from mmgen.config import ASSETS_ROOT, Config, ConfigError, load_config, resolve_
 from mmgen.data.latents import LatentSpec
 from mmgen.data.packing import PackingConfig
 from mmgen.extras import require
+from mmgen.layout import TokenKind
 from mmgen.objectives import get_objective
 from mmgen.processing_mmgen import MMGenProcessor
 from mmgen.training import checkpointing
@@ -159,7 +160,9 @@ def train(argv: list[str]) -> None:
     peak, peak_source = device_peak_flops(device, training_dtype(cfg.run.mixed_precision))
     progress = _progress(accelerator, step, cfg.optim.max_steps)
     guard = NonFiniteGuard(cfg.run.max_nonfinite_in_a_row)
-    last_time, images_seen, flop_tokens = time.perf_counter(), 0, Counter()
+    # this log window: steps, their own seconds (data wait included; checkpoints, samples and curve points
+    # not), this rank's images and the token counts of the passes it ran
+    window_steps, window_seconds, images_seen, window_tokens, flop_tokens = 0, 0.0, 0, 0, Counter()
     while step < cfg.optim.max_steps:
         step_start = time.perf_counter()
         model.train()
@@ -182,23 +185,26 @@ def train(argv: list[str]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 flop_tokens.update(pass_token_counts(batch["token_kind"], losses.diagnostics["passes"]))  # this rank's
                 images_seen += losses.diagnostics.get("num_images", 0)
+                window_tokens += int((batch["token_kind"] != TokenKind.PAD).sum())
                 seen["images_seen"] += world * losses.diagnostics.get("num_images", 0)
                 seen["image_targets_seen"] += world * losses.diagnostics.get("num_image_targets", 0)
                 seen["tokens_seen"] += tokens_per_step // cfg.optim.grad_accum
         if guard.skip(finite, step):
             continue
         step += 1
-        seen["train_seconds"] += time.perf_counter() - step_start
+        step_seconds = time.perf_counter() - step_start
+        seen["train_seconds"] += step_seconds
+        window_steps, window_seconds = window_steps + 1, window_seconds + step_seconds
         if ema is not None:
             ema.update(raw_model)
         if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
-            now = time.perf_counter()
-            seconds = (now - last_time) / cfg.run.log_every
+            seconds = window_seconds / window_steps
             # FLOPs are linear in the token counts: one count per log window (ranks assumed alike)
-            flops_per_step = world * training_flops(raw_model, flop_tokens, cfg.data.seq_len) / cfg.run.log_every
+            flops_per_step = world * training_flops(raw_model, flop_tokens, cfg.data.seq_len) / window_steps
             logs = {"loss": losses.loss.item(), "loss_text": losses.text.item(), "loss_image": losses.image.item(),
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
-                    "images_per_s": images_seen / (now - last_time), "mfu": mfu(flops_per_step, seconds, peak),
+                    "lr": scheduler.get_last_lr()[0], "seconds_per_step": seconds,
+                    "tokens_per_s": world * window_tokens / window_seconds,  # non-pad tokens, all ranks
+                    "images_per_s": world * images_seen / window_seconds, "mfu": mfu(flops_per_step, seconds, peak),
                     "nonfinite_total": guard.total, **_scalars(losses.diagnostics), **_prefixed(stream.stats)}
             accelerator.log(logs, step=step)
             if accelerator.is_main_process:
@@ -207,7 +213,7 @@ def train(argv: list[str]) -> None:
             progress.set_postfix(loss=f"{logs['loss']:.3f}", text=f"{logs['loss_text']:.3f}",
                                  img=f"{logs['loss_image']:.3f}", tok_s=f"{logs['tokens_per_s']:.0f}",
                                  mfu=f"{logs['mfu']:.1%}")
-            last_time, images_seen, flop_tokens = now, 0, Counter()
+            window_steps, window_seconds, images_seen, window_tokens, flop_tokens = 0, 0.0, 0, 0, Counter()
         progress.update(1)
         if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
             checkpointing.save_checkpoint(accelerator, run_dir, step, trainer_state={"peak_flops": peak_source, **seen},
@@ -217,7 +223,6 @@ def train(argv: list[str]) -> None:
             _samples(raw_model, ema, processor, run_dir, step)
         if cfg.eval.curve_every and step % cfg.eval.curve_every == 0 and accelerator.is_main_process:
             _curve_point(cfg, raw_model, ema, processor, run_dir, step, seen)
-            last_time = time.perf_counter()  # the evaluation's time is not training throughput
         if os.environ.get("MMGEN_TEST_KILL_AT_STEP") == str(step):  # tests: SIGKILL mid-run, then resume
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()

@@ -112,23 +112,17 @@ class DataSection:
     def __post_init__(self):
         if self.prefetch < 0 or self.num_workers < 0:
             raise ConfigError(f"data.prefetch and data.num_workers must be >= 0, got {self.prefetch}, {self.num_workers}")
-        if self.t2i_max_objects is not None and not 1 <= self.t2i_max_objects <= self.max_objects:
-            raise ConfigError(f"data.t2i_max_objects must be in 1..data.max_objects, got {self.t2i_max_objects}")
         if not 0.0 <= self.pair_text_to_image <= 1.0:
             raise ConfigError(f"data.pair_text_to_image must be in [0, 1], got {self.pair_text_to_image}")
         if self.max_caption_tokens is not None and self.max_caption_tokens < 1:
             raise ConfigError(f"data.max_caption_tokens must be >= 1 (or null), got {self.max_caption_tokens}")
-        if self.particles < 1:
-            raise ConfigError(f"data.particles must be >= 1, got {self.particles}")
-        if not 1 <= self.max_objects <= 4:
-            raise ConfigError(f"data.max_objects must be in 1..4, got {self.max_objects}")
-        if self.tasks:
-            from mmgen.data.shapes_docs import parse_task_weights
+        from mmgen.data.make_shards import ShapesSource  # the shapes world's settings are checked there
 
-            try:
-                parse_task_weights(self.tasks)
-            except ValueError as err:
-                raise ConfigError(f"data.tasks: {err}") from None
+        try:
+            ShapesSource(num_docs=self.num_docs, tasks=tuple(self.tasks), max_objects=self.max_objects,
+                         particles=self.particles, t2i_max_objects=self.t2i_max_objects)
+        except ValueError as err:
+            raise ConfigError(f"data.{err}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
